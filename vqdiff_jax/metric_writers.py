@@ -1,0 +1,131 @@
+"""Metric logging: JSON lines, TensorBoard summaries and a console progress display.
+
+Only process 0 writes. Metric names are namespaced (`train/loss`, `eval/psnr`,
+`vq/perplexity`); TensorBoard event files go to `<workdir>/tensorboard` and one
+JSON object per logged step to `<workdir>/metrics.jsonl`.
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def _to_float(value) -> float:
+    return float(np.asarray(jax.device_get(value)))
+
+
+class MetricWriter:
+    """Write scalar metrics to `metrics.jsonl` and TensorBoard under `workdir`."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self._active = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self._active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            import tensorflow as tf  # Imported lazily: TensorFlow start-up is slow.
+
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self._active:
+            return
+        values = {name: _to_float(value) for name, value in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=int(step)):
+                for name, value in values.items():
+                    tf.summary.scalar(name, value)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """Read back every JSON line written by `MetricWriter` in `workdir`."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Console progress: steps/s, ETA and a few metrics, through absl logging.
+
+    The rate counts only steps after the first one logged, so compilation time
+    does not distort it.
+    """
+
+    def __init__(self, total_steps: int, *, name: str, start_step: int = 0):
+        self.total_steps = total_steps
+        self.name = name
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self.steps_per_sec = float("nan")
+
+    def update(self, step: int, metrics: Mapping[str, float] | None = None) -> float:
+        """Log progress at `step` and return the steps/s since the last call."""
+        now = time.perf_counter()
+        if step > self._last_step:
+            self.steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        remaining = self.total_steps - step
+        eta = remaining / self.steps_per_sec if self.steps_per_sec > 0 else float("nan")
+        shown = ", ".join(f"{k}={_to_float(v):.4g}" for k, v in (metrics or {}).items())
+        percent = 100.0 * step / max(self.total_steps, 1)
+        if jax.process_index() == 0:
+            logging.info(
+                "[%s] step %d/%d (%.0f%%) %.2f steps/s, ETA %s%s",
+                self.name, step, self.total_steps, percent, self.steps_per_sec,
+                format_seconds(eta), f" | {shown}" if shown else "",
+            )
+        return self.steps_per_sec
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def check_finite(step: int, metrics: Mapping[str, float], names: tuple[str, ...]) -> None:
+    """Raise FloatingPointError naming the step and every loss term that is NaN or Inf."""
+    bad = {}
+    for name in names:
+        if name in metrics:
+            value = _to_float(metrics[name])
+            if not math.isfinite(value):
+                bad[name] = value
+    if bad:
+        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise FloatingPointError(
+            f"Non-finite loss at step {step}: {terms}. Training stopped; the last good "
+            "checkpoint is kept. Lower the learning rate or check the input data."
+        )
+
+
+def every(step: int, period: int | None, *, total: int | None = None) -> bool:
+    """True at steps that are multiples of `period` (and at the last step, if `total`)."""
+    if total is not None and step == total:
+        return True
+    return bool(period) and step % period == 0

@@ -1,0 +1,99 @@
+"""The training loop shared by the tokenizer, DiT and classifier trainers.
+
+Each experiment builds its mesh, data, model, optimizer and jitted step, then
+hands them to `train_loop`, which owns cadence (logging, evaluation, saving),
+the non-finite check and the progress display.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from absl import logging
+
+from vqdiff_jax import metric_writers
+from vqdiff_jax.checkpointing import Checkpointer
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    name: str
+    num_steps: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int | None = None
+    # Metric names checked for NaN/Inf after every step.
+    loss_names: tuple[str, ...] = ("train/loss",)
+
+
+def restore_or_init(checkpointer: Checkpointer, init_state: Callable[[], Any], state_sharding):
+    """Resume from the latest checkpoint in the run's directory, or initialise.
+
+    Returns (state, meta), meta being {} for a fresh state. The abstract state
+    comes from `jax.eval_shape(init_state)`, so restoring never runs the init.
+    """
+    step = checkpointer.latest_step()
+    if step is None:
+        logging.info("No checkpoint in %s; starting from scratch.", checkpointer.directory)
+        state = jax.jit(init_state, out_shardings=state_sharding)()
+        return state, {}
+    abstract = jax.eval_shape(init_state)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
+    )
+    state, meta = checkpointer.restore(abstract, step)
+    logging.info("Resumed from the checkpoint at step %d in %s.", step, checkpointer.directory)
+    return state, meta
+
+
+def train_loop(
+    loop: LoopConfig,
+    state,
+    train_step: Callable,
+    batches: Iterator[dict],
+    *,
+    checkpointer: Checkpointer,
+    writer: metric_writers.MetricWriter,
+    eval_fn: Callable[[Any, int], dict] | None = None,
+    checkpoint_meta: Callable[[int], dict] | None = None,
+):
+    """Run `train_step` from `state.step` to `loop.num_steps`; return the final state.
+
+    Metrics of step s are read back while step s+1 runs, so the host never
+    stalls the device; a NaN or Inf loss raises FloatingPointError naming the
+    step before the next checkpoint is written.
+    """
+    step = int(jax.device_get(state.step))
+    progress = metric_writers.Progress(loop.num_steps, name=loop.name, start_step=step)
+    pending = None  # (step, metrics) of the previous step, not yet read back.
+
+    def flush(pending):
+        done_step, metrics = pending
+        metrics = jax.device_get(metrics)
+        metric_writers.check_finite(done_step, metrics, loop.loss_names)
+        if metric_writers.every(done_step, loop.log_every, total=loop.num_steps):
+            steps_per_sec = progress.update(done_step, {k: metrics[k] for k in loop.loss_names})
+            writer.write_scalars(done_step, {**metrics, "train/steps_per_sec": steps_per_sec})
+
+    while step < loop.num_steps:
+        batch = next(batches)
+        state, metrics = train_step(state, batch)
+        step += 1
+        if pending is not None:
+            flush(pending)
+        pending = (step, metrics)
+
+        save = metric_writers.every(step, loop.checkpoint_every, total=loop.num_steps)
+        evaluate = eval_fn is not None and metric_writers.every(
+            step, loop.eval_every, total=loop.num_steps)
+        if save or evaluate:
+            flush(pending)
+            pending = None
+        if save:
+            checkpointer.save(step, state, checkpoint_meta(step) if checkpoint_meta else None)
+        if evaluate:
+            writer.write_scalars(step, eval_fn(state, step))
+    if pending is not None:
+        flush(pending)
+    return state
