@@ -9,11 +9,13 @@ the odd rows, their reconstructions below them) and `eval_metrics.json`.
 """
 
 import functools
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -120,6 +122,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
     checkpointer.close()
     return metrics
+
+
+def load_tokenizer(workdir: str):
+    """Restore a trained tokenizer from its work directory.
+
+    Returns (model, state, config). Raises FileNotFoundError naming the command
+    that creates the checkpoint when `workdir` holds none.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config_path = os.path.join(workdir, "config.json")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.exists(config_path) or not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(
+            f"No tokenizer checkpoint in {workdir!r}. Train one first with: python -m "
+            f"experiments.train_tokenizer --config=experiments/configs/tokenizer_mnist.py "
+            f"--workdir={workdir}")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    info = pipeline.dataset_info(config.data.dataset, config.data.data_dir)
+    image_shape = common.image_shape(config.data, info)
+    model, _, init_fn = build(config, image_shape)
+    checkpointer = checkpointing.Checkpointer(
+        checkpoint_dir, fingerprint=fingerprint(config, image_shape), max_to_keep=None)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(
+            f"No tokenizer checkpoint in {checkpoint_dir!r}. Train one first with: python -m "
+            f"experiments.train_tokenizer --config=experiments/configs/tokenizer_mnist.py "
+            f"--workdir={workdir}")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = checkpointing.abstract_like(jax.eval_shape(init_fn), sharding)
+    state, _ = checkpointer.restore(abstract)
+    checkpointer.close()
+    return model, state, config
 
 
 def main(argv):

@@ -118,7 +118,7 @@ def _nearest_rows(z: jax.Array, codebook: jax.Array, precision) -> jax.Array:
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The ||z||^2 term is the same for every
     # code, so it is left out: the argmin does not change and one rounding is saved.
     # HIGHEST keeps the matmul in full float32 on TPU and off TF32 on GPU.
-    dots = jnp.einsum("nd,kd->nk", z, codebook, precision=precision)  # [N, K]
+    dots = jnp.einsum("nd,kd->nk", z, codebook, precision=precision); dots = dots.astype(z.dtype)  # [N, K]
     distances = jnp.sum(codebook * codebook, axis=-1) - 2.0 * dots  # [N, K]
     return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
@@ -395,6 +395,30 @@ def ema_update(
     return VQState(codebook=codebook, cluster_size=cluster_size, embed_sum=embed_sum)
 
 
+def _draw_rows(z_e: jax.Array, key: jax.Array, num_draws: int, axis_name) -> jax.Array:
+    """Draw `num_draws` rows uniformly from the global batch, the same on every device.
+
+    Under `shard_map`, device i holds rows `[i * N, (i + 1) * N)` of the global batch.
+    Every device draws the same global row indices, fills the rows it holds and
+    leaves zeros elsewhere. A `psum` then assembles the `[num_draws, D]` result
+    without gathering the whole batch.
+    """
+    num_local = z_e.shape[0]
+    if axis_name is None:
+        num_rows, offset = num_local, 0
+    else:
+        num_rows = num_local * lax.axis_size(axis_name)
+        offset = lax.axis_index(axis_name) * num_local
+    rows = jax.random.choice(key, num_rows, (num_draws,), replace=num_rows < num_draws)
+    if axis_name is None:
+        return z_e[rows]
+
+    local_rows = rows - offset
+    is_local = (local_rows >= 0) & (local_rows < num_local)
+    drawn = z_e[jnp.clip(local_rows, 0, num_local - 1)]
+    return lax.psum(jnp.where(is_local[:, None], drawn, 0.0), axis_name)
+
+
 def restart_dead_codes(
     state: VQState,
     z_e: jax.Array,
@@ -413,13 +437,13 @@ def restart_dead_codes(
 
     Args:
       state: current statistics.
-      z_e: `[..., D]` encoder outputs of the global batch. Under `jit` with a sharded
-        batch this is the global array.
+      z_e: `[..., D]` encoder outputs: the global batch under `jit`, or the local
+        shard under `shard_map` with `axis_name`.
       key: PRNG key for the draw. Use the same key on every device.
       threshold: codes with `cluster_size < threshold` are restarted.
-      axis_name: under `shard_map` or `pmap`, the mesh axis of the batch. The local
-        batches are gathered first, so every device restarts the same codes with the
-        same vectors.
+      axis_name: under `shard_map` or `pmap`, the mesh axis of the batch. The draw
+        then covers the global batch, and every device restarts the same codes with
+        the same vectors.
       l2_normalize: normalise the drawn vectors, for a normalised codebook.
 
     Returns:
@@ -430,14 +454,9 @@ def restart_dead_codes(
     _check_range("threshold", threshold, 0.0)
 
     z_e = z_e.reshape(-1, dim).astype(jnp.float32)  # [N, D]
-    if axis_name is not None:
-        z_e = lax.all_gather(z_e, axis_name, axis=0, tiled=True)  # [global N, D]
+    candidates = _draw_rows(z_e, key, num_codes, axis_name)  # [K, D]
     if l2_normalize:
-        z_e = _l2_normalize(z_e)
-
-    num_rows = z_e.shape[0]
-    rows = jax.random.choice(key, num_rows, (num_codes,), replace=num_rows < num_codes)
-    candidates = z_e[rows]  # [K, D]
+        candidates = _l2_normalize(candidates)
 
     dead = state.cluster_size < threshold  # [K]
     new_state = VQState(

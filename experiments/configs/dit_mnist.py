@@ -1,0 +1,91 @@
+r"""Class-conditional DiT in the latent space of the MNIST tokenizer.
+
+Run (after experiments.train_tokenizer has written workdirs/tokenizer):
+  python -m experiments.train_dit --config=experiments/configs/dit_mnist.py \
+      --config.tokenizer_workdir=workdirs/tokenizer --workdir=workdirs/dit
+
+Then sample 100 images per class:
+  python -m experiments.sample_dit --workdir=workdirs/dit --output_dir=workdirs/samples
+
+Default: a DiT with patch size 1 on the 7x7x8 latents (49 tokens), hidden 128,
+depth 6, trained with eps-prediction on a linear schedule; sampling with DDIM,
+50 steps and guidance scale 4. README.md lists the measured time and sample
+accuracy on a 2-core CPU. `dit_mnist.py:tiny` is a few-second run for tests.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.tokenizer_workdir = ml_collections.config_dict.placeholder(str)
+
+    config.model = ml_collections.ConfigDict()
+    # A preset name such as 'DiT-S/2' overrides the explicit sizes below.
+    config.model.preset = ml_collections.config_dict.placeholder(str)
+    config.model.patch_size = 1
+    config.model.hidden_size = 128
+    config.model.depth = 6
+    config.model.num_heads = 4
+    config.model.mlp_ratio = 4.0
+    config.model.class_dropout_prob = 0.1
+    config.model.learn_sigma = False
+    config.model.dtype = "float32"  # Compute dtype; 'bfloat16' pays on TPU and recent GPUs.
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.beta_schedule = "linear"
+    config.diffusion.beta_start = 1e-4
+    config.diffusion.beta_end = 0.02
+    config.diffusion.prediction_type = "eps"  # 'eps', 'v' or 'x0'.
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.end_learning_rate_factor = 0.1
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.99
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.grad_clip_norm = 1.0
+
+    config.ema_decay = 0.999
+    config.batch_size = 128
+    config.num_train_steps = 1500
+    config.log_every = 50
+    config.eval_every = 500  # Sample a grid of every class during training.
+    config.checkpoint_every = 250
+    config.max_checkpoints = 2
+    config.encode_batch_size = 500
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.sampler = "ddim"  # 'ddim' or 'ddpm'.
+    config.sample.num_steps = 50
+    config.sample.spacing = "linspace"  # 'leading', 'trailing' or 'linspace'.
+    config.sample.eta = 0.0
+    config.sample.guidance_scale = 4.0
+    config.sample.per_class = 100
+    config.sample.batch_size = 500
+    config.sample.seed = 1
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+
+    if variant == "tiny":
+        config.model.hidden_size = 32
+        config.model.depth = 1
+        config.model.num_heads = 2
+        config.batch_size = 16
+        config.num_train_steps = 4
+        config.log_every = 1
+        config.eval_every = 4
+        config.checkpoint_every = 2
+        config.sample.num_steps = 4
+        config.sample.per_class = 2
+        config.sample.batch_size = 20
+    elif variant:
+        raise ValueError(f"Unknown variant {variant!r}; known variants: 'tiny'.")
+    return config

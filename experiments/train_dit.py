@@ -1,0 +1,229 @@
+r"""Train a class-conditional DiT in the latent space of a trained tokenizer.
+
+  python -m experiments.train_dit --config=experiments/configs/dit_mnist.py \
+      --config.tokenizer_workdir=workdirs/tokenizer --workdir=workdirs/dit
+
+Writes into the work directory: `latents.npz` (the training set encoded once,
+with its labels), `checkpoints/` (Orbax; the metadata holds the latent
+normalisation statistics; resumed automatically), `metrics.jsonl`,
+`tensorboard/` and `samples_<step>.png` (one row per class, from the EMA weights).
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import common, train_tokenizer
+from vqdiff_jax import checkpointing, images as images_lib, latent_diffusion, metric_writers
+from vqdiff_jax import parallel, tokenizer, trainer
+from vqdiff_jax.data import pipeline
+from vqdiff_jax.train_state import make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "DiT config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+
+
+def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size: int):
+    """Encode the tokenizer's training split once and cache it in `path`.
+
+    Returns (latents [N, h, w, D] float32, labels [N] int32).
+    """
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            return cached["latents"], cached["labels"]
+    images, labels = pipeline.load_split_as_arrays(
+        tok_config.data.dataset, tok_config.data.train_split, tok_config.data.data_dir,
+        image_size=tok_config.data.image_size, crop=tok_config.data.crop)
+    codebook = tokenizer.current_codebook(tok_state)
+    latents = []
+    for start in range(0, len(images), batch_size):
+        z_q, _ = tokenizer.encode_to_codes(
+            tok_model, tok_state.params, codebook, jnp.asarray(images[start:start + batch_size]))
+        latents.append(np.asarray(z_q))
+    latents = np.concatenate(latents).astype(np.float32)
+    labels = np.asarray(labels, np.int32)
+    if jax.process_index() == 0:
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, latents=latents, labels=labels)
+        os.replace(tmp, path)
+    logging.info("[dit] encoded %d training images to latents of shape %s.", len(latents),
+                 latents.shape[1:])
+    return latents, labels
+
+
+def fingerprint(config, latent_shape, num_classes) -> dict:
+    return {"latent_shape": list(latent_shape), "num_classes": int(num_classes),
+            "model": config.model.to_dict()}
+
+
+def decode_samples(tok_model, tok_state, latents, stats):
+    """Snap normalised latents [B, h, w, D] to codes and decode them to images [B, H, W, C]."""
+    codebook = tokenizer.current_codebook(tok_state)
+    codes = latent_diffusion.latents_to_codes(latents, stats, codebook)
+    z_q = jnp.take(codebook, codes, axis=0)
+    return tokenizer.decode_vectors(tok_model, tok_state.params, z_q)
+
+
+def generate(model, ema_params, schedule, stats, tok_model, tok_state, labels, sample_config,
+             *, prediction_type: str, latent_shape, key, num_timesteps: int,
+             return_trajectory: bool = False):
+    """Generate images [N, H, W, C] in [-1, 1] for labels [N] with the configured sampler."""
+    latent_diffusion.check_sampling_args(
+        guidance_scale=sample_config.guidance_scale, num_steps=sample_config.num_steps,
+        num_timesteps=num_timesteps, sampler=sample_config.sampler)
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(
+            f"Requested class labels must lie in [0, {model.num_classes - 1}] "
+            f"(num_classes={model.num_classes}), got min {labels.min()} and max "
+            f"{labels.max()}.")
+    outputs = []
+    for start in range(0, len(labels), sample_config.batch_size):
+        chunk = jnp.asarray(labels[start:start + sample_config.batch_size], jnp.int32)
+        latents = latent_diffusion.sample_latents(
+            model, ema_params, schedule, chunk, jax.random.fold_in(key, start),
+            guidance_scale=sample_config.guidance_scale, num_steps=sample_config.num_steps,
+            sampler=sample_config.sampler, spacing=sample_config.spacing,
+            prediction_type=prediction_type, eta=sample_config.eta,
+            latent_shape=tuple(latent_shape))
+        outputs.append(np.asarray(decode_samples(tok_model, tok_state, latents, stats)))
+    return np.concatenate(outputs)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train (or resume) the DiT in `workdir`; return a summary of the run."""
+    parallel.maybe_initialize_distributed(config)
+    workdir = common.prepare_workdir(config, workdir, "dit")
+    if not config.tokenizer_workdir:
+        raise ValueError(
+            "config.tokenizer_workdir is not set. Pass --config.tokenizer_workdir=DIR, the "
+            "work directory of experiments.train_tokenizer.")
+
+    # Tokenizer and latents.
+    tok_model, tok_state, tok_config = train_tokenizer.load_tokenizer(config.tokenizer_workdir)
+    latents, labels = encode_training_set(
+        tok_model, tok_state, tok_config, os.path.join(workdir, "latents.npz"),
+        config.encode_batch_size)
+    num_classes = pipeline.dataset_info(
+        tok_config.data.dataset, tok_config.data.data_dir)["num_classes"]
+    stats = latent_diffusion.latent_statistics(latents)
+    latent_shape = latents.shape[1:]
+    normalized = np.asarray(latent_diffusion.normalize(latents, stats))
+
+    # Model, optimizer and state on the mesh, resumed if a checkpoint exists.
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    model = latent_diffusion.make_dit(config.model, num_classes)
+    schedule = latent_diffusion.make_schedule(config.diffusion)
+    tx = make_optimizer(config.optimizer, config.num_train_steps)
+    init_fn = functools.partial(
+        latent_diffusion.init_state, model, tx, jax.random.key(config.seed), latent_shape)
+    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init_fn))
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        fingerprint=fingerprint(config, latent_shape, num_classes),
+        max_to_keep=config.max_checkpoints)
+    state, meta = trainer.restore_or_init(checkpointer, init_fn, state_sharding)
+    if meta.get("latent_stats"):
+        stats = meta["latent_stats"]
+    start_step = int(jax.device_get(state.step))
+
+    train_step = jax.jit(
+        latent_diffusion.make_train_step(
+            model, schedule, config.diffusion, tx, seed=config.seed, ema_decay=config.ema_decay),
+        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    batches = (
+        pipeline.make_global_batch(batch, mesh)
+        for batch in latent_diffusion.LatentBatches(
+            normalized, labels, batch_size=config.batch_size, seed=config.seed,
+            start_step=start_step))
+
+    def sample_grid(state, step, per_class=10):
+        grid_labels = np.repeat(np.arange(num_classes), per_class)
+        sample_config = config.sample.copy_and_resolve_references()
+        sample_config.batch_size = len(grid_labels)
+        images = generate(
+            model, state.ema_params, schedule, stats, tok_model, tok_state, grid_labels,
+            sample_config, prediction_type=config.diffusion.prediction_type,
+            latent_shape=latent_shape, key=jax.random.key(config.sample.seed),
+            num_timesteps=config.diffusion.num_timesteps)
+        if jax.process_index() == 0:
+            images_lib.save_grid(os.path.join(workdir, f"samples_{step:06d}.png"), images,
+                                 num_columns=per_class, scale=2)
+        return {}
+
+    writer = metric_writers.MetricWriter(workdir)
+    loop = trainer.LoopConfig(
+        name="dit", num_steps=config.num_train_steps, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
+        loss_names=("train/loss", "train/mse"))
+    state = trainer.train_loop(
+        loop, state, train_step, batches, checkpointer=checkpointer, writer=writer,
+        eval_fn=sample_grid,
+        checkpoint_meta=lambda step: {
+            "latent_stats": stats, "tokenizer_workdir": os.path.abspath(config.tokenizer_workdir),
+            "num_classes": int(num_classes), "data_position": step * config.batch_size})
+    writer.close()
+    checkpointer.close()
+    return {"step": int(jax.device_get(state.step)), "resumed_from": start_step}
+
+
+def load_dit(workdir: str):
+    """Restore a trained DiT and everything needed to sample from it.
+
+    Returns a dict with `config`, `model`, `state`, `schedule`, `stats` (latent
+    normalisation), `latent_shape`, `num_classes`, `tokenizer` (model, state,
+    config). Raises FileNotFoundError naming the command that creates the
+    checkpoint when `workdir` holds none.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    command = ("python -m experiments.train_dit --config=experiments/configs/dit_mnist.py "
+               f"--config.tokenizer_workdir=TOKENIZER_WORKDIR --workdir={workdir}")
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"No DiT run in {workdir!r}. Train one first with: {command}")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), fingerprint={}, max_to_keep=None)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"No DiT checkpoint in {workdir!r}. Train one first with: {command}")
+    meta = checkpointer.read_meta()
+    latent_shape = tuple(meta["fingerprint"]["latent_shape"])
+    num_classes = meta["num_classes"]
+    checkpointer.fingerprint = meta["fingerprint"]
+    model = latent_diffusion.make_dit(config.model, num_classes)
+    tx = make_optimizer(config.optimizer, config.num_train_steps)
+    init_fn = functools.partial(
+        latent_diffusion.init_state, model, tx, jax.random.key(config.seed), latent_shape)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state, meta = checkpointer.restore(
+        checkpointing.abstract_like(jax.eval_shape(init_fn), sharding))
+    checkpointer.close()
+    return {
+        "config": config, "model": model, "state": state, "stats": meta["latent_stats"],
+        "schedule": latent_diffusion.make_schedule(config.diffusion),
+        "latent_shape": latent_shape, "num_classes": num_classes,
+        "tokenizer": train_tokenizer.load_tokenizer(meta["tokenizer_workdir"]),
+    }
+
+
+def main(argv):
+    del argv
+    jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
