@@ -9,7 +9,6 @@ from jax.sharding import PartitionSpec as P
 
 from vqdiff_jax import quantizer as vq
 
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -34,9 +33,7 @@ def _ema_train_step(state, z_e, *, decay, eps, commitment_weight):
     update uses the codes found with that codebook.
     """
     z_q, codes = vq.quantize(z_e, state.codebook)
-    losses = vq.vq_loss(
-        z_e, z_q, commitment_weight=commitment_weight, learned_codebook=False
-    )
+    losses = vq.vq_loss(z_e, z_q, commitment_weight=commitment_weight, learned_codebook=False)
     decoder_input = vq.straight_through(z_e, z_q)
     new_state = vq.ema_update(state, z_e, codes, decay=decay, eps=eps)
     return new_state, decoder_input, losses
@@ -139,9 +136,7 @@ def test_nearest_codes_chunked_sharded():
     codebook = rng.normal(size=(32, 4)).astype(np.float32)
     z = rng.normal(size=(8, 4, 4)).astype(np.float32)
     z_sharded = jax.device_put(z, NamedSharding(_mesh(8), P("data")))
-    codes = jax.jit(lambda z: vq.nearest_codes(z, jnp.asarray(codebook), chunk_size=16))(
-        z_sharded
-    )
+    codes = jax.jit(lambda z: vq.nearest_codes(z, jnp.asarray(codebook), chunk_size=16))(z_sharded)
     np.testing.assert_array_equal(np.asarray(codes).reshape(-1), _numpy_nearest(z, codebook))
 
 
@@ -151,7 +146,8 @@ def test_nearest_codes_rejects_bad_chunk():
 
 
 def test_nearest_codes_bfloat16_close_codes():
-    # In bfloat16, 100^2 and 2 * 100 * 100.5 round by tens, which swamps the gap of 0.75.
+    # In bfloat16, 100^2 rounds to a multiple of 64 and 2 * 100 * 100.5 to a multiple
+    # of 128, which swamps the distance gap of 0.75.
     z = jnp.array([[100.0]], jnp.bfloat16)
     codebook = jnp.array([[99.0], [100.5]], jnp.bfloat16)
     assert int(vq.nearest_codes(z, codebook)[0]) == 1
@@ -216,7 +212,7 @@ def test_train_step_order():
     np.testing.assert_array_equal(decoder_input, [[0.0], [0.0]])
     # mean((1 - 0)^2, (3 - 0)^2) = 5.
     np.testing.assert_allclose(losses["commitment_loss"], 5.0, rtol=1e-7)
-    # cluster_size = [1.5, 0.5], embed_sum = [2, 5], n = 2;
+    # cluster_size = [1.5, 0.5], embed_sum = [2, 5] and n = 2, so
     # code 0 = 2 / ((1.5 + 1e-5) / (2 + 2e-5) * 2) = 2.00002 / 1.50001.
     np.testing.assert_allclose(new_state.cluster_size, [1.5, 0.5], rtol=1e-7)
     np.testing.assert_allclose(new_state.embed_sum, [[2.0], [5.0]], rtol=1e-7)
@@ -230,9 +226,7 @@ def _loss_and_grads(learned_codebook):
 
     def loss_fn(z, codebook):
         z_q, _ = vq.quantize(z, codebook)
-        losses = vq.vq_loss(
-            z, z_q, commitment_weight=0.25, learned_codebook=learned_codebook
-        )
+        losses = vq.vq_loss(z, z_q, commitment_weight=0.25, learned_codebook=learned_codebook)
         return losses["loss"], losses
 
     (loss, losses), (grad_z, grad_codebook) = jax.value_and_grad(
@@ -243,7 +237,7 @@ def _loss_and_grads(learned_codebook):
 
 def test_vq_loss_beta_placement():
     loss, losses, grad_z, grad_codebook = _loss_and_grads(learned_codebook=True)
-    # codebook and commitment terms are both mean(1, 4) = 2.5; 2.5 + 0.25 * 2.5.
+    # The codebook and commitment terms are both mean(1, 4) = 2.5, so 2.5 + 0.25 * 2.5.
     np.testing.assert_allclose(loss, 3.125, rtol=1e-7)
     np.testing.assert_allclose(losses["codebook_loss"], 2.5, rtol=1e-7)
     np.testing.assert_allclose(losses["commitment_loss"], 2.5, rtol=1e-7)
@@ -268,9 +262,7 @@ def test_vq_loss_ema_logged_terms_no_grad():
 
     def codebook_term(codebook):
         z_q, _ = vq.quantize(z, codebook)
-        return vq.vq_loss(z, z_q, commitment_weight=0.25, learned_codebook=False)[
-            "codebook_loss"
-        ]
+        return vq.vq_loss(z, z_q, commitment_weight=0.25, learned_codebook=False)["codebook_loss"]
 
     np.testing.assert_array_equal(jax.grad(codebook_term)(codebook), np.zeros((2, 2)))
 
@@ -370,10 +362,10 @@ def test_perplexity_global_shard_map():
         counts = vq.code_histogram(codes, 4, axis_name="data")
         return vq.usage_metrics(counts)["perplexity"]
 
-    perplexity = jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P())
-    )(codes)
-    # Each device alone sees one code (perplexity 1); the global batch has two.
+    perplexity = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P()))(
+        codes
+    )
+    # Each device alone has one code (perplexity 1), but the global batch has two.
     np.testing.assert_allclose(perplexity, 2.0, rtol=1e-6)
 
 
@@ -383,9 +375,7 @@ def test_perplexity_global_named_sharding():
     )
     shards = sorted(np.asarray(s.data).tolist() for s in codes.addressable_shards)
     assert shards == [[0, 0, 0], [1, 1, 1]]
-    perplexity = jax.jit(lambda c: vq.usage_metrics(vq.code_histogram(c, 4))["perplexity"])(
-        codes
-    )
+    perplexity = jax.jit(lambda c: vq.usage_metrics(vq.code_histogram(c, 4))["perplexity"])(codes)
     np.testing.assert_allclose(perplexity, 2.0, rtol=1e-6)
 
 
@@ -539,9 +529,7 @@ def test_restart_small_batch():
     rng = np.random.default_rng(9)
     state, *_ = _random_state(rng, 12, 3)
     z_e = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)  # fewer rows than codes
-    new_state, num_restarted = vq.restart_dead_codes(
-        state, z_e, jax.random.key(1), threshold=2.5
-    )
+    new_state, num_restarted = vq.restart_dead_codes(state, z_e, jax.random.key(1), threshold=2.5)
     _check_restart(state, new_state, num_restarted, z_e, 2.5)
 
 
