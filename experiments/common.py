@@ -1,6 +1,7 @@
 """Set-up shared by the experiment modules: work directory, config file, data, batches."""
 
 import json
+import logging as logging_std
 import os
 
 import jax
@@ -8,7 +9,19 @@ import numpy as np
 from absl import logging
 
 from vqdiff_jax import checkpointing, parallel
-from vqdiff_jax.data import pipeline
+from vqdiff_jax.data import pipeline, sharding
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+    """Drop INFO records of installed libraries (Orbax logs every file it writes)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or "site-packages" not in record.pathname
+
+
+def configure_logging() -> None:
+    """Keep the console to this project's progress lines, warnings and errors."""
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
 def prepare_workdir(config, workdir: str, name: str) -> str:
@@ -29,9 +42,13 @@ def prepare_data(data_config):
 
 
 def image_shape(data_config, info) -> tuple[int, int, int]:
-    height, width, channels = info["image_shape"]
+    height, width, channels = info.image_shape
     if data_config.image_size:
         height = width = data_config.image_size
+    if height is None or width is None:
+        raise ValueError(
+            f"Dataset {info.name!r} has images of varying size; set data.image_size to resize "
+            "them (with data.crop='center' for a square crop).")
     return (height, width, channels)
 
 
@@ -69,7 +86,7 @@ def global_batches(data_config, *, split: str, batch_size: int, seed: int, start
     step = start_step
     for batch in local:
         check_batch(batch, image_shape, batch_size, step)
-        yield pipeline.make_global_batch(batch, mesh)
+        yield sharding.make_global_batch(batch, mesh)
         step += 1
 
 

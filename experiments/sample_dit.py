@@ -72,6 +72,7 @@ def sample_to_dir(dit_workdir: str, output_dir: str, *, overrides: dict | None =
 
 def main(argv):
     del argv
+    common.configure_logging()
     jnp.zeros(())
     sample_to_dir(_WORKDIR.value, _OUTPUT_DIR.value, overrides={
         "per_class": _PER_CLASS.value, "guidance_scale": _GUIDANCE.value,

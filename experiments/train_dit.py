@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from experiments import common, train_tokenizer
 from vqdiff_jax import checkpointing, images as images_lib, latent_diffusion, metric_writers
 from vqdiff_jax import parallel, tokenizer, trainer
-from vqdiff_jax.data import pipeline
+from vqdiff_jax.data import pipeline, sharding
 from vqdiff_jax.train_state import make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "DiT config file.")
@@ -50,6 +50,7 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
     latents = np.concatenate(latents).astype(np.float32)
     labels = np.asarray(labels, np.int32)
     if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
         np.savez(tmp, latents=latents, labels=labels)
         os.replace(tmp, path)
@@ -109,10 +110,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Tokenizer and latents.
     tok_model, tok_state, tok_config = train_tokenizer.load_tokenizer(config.tokenizer_workdir)
     latents, labels = encode_training_set(
-        tok_model, tok_state, tok_config, os.path.join(workdir, "latents.npz"),
+        tok_model, tok_state, tok_config,
+        config.latents_path or os.path.join(workdir, "latents.npz"),
         config.encode_batch_size)
     num_classes = pipeline.dataset_info(
-        tok_config.data.dataset, tok_config.data.data_dir)["num_classes"]
+        tok_config.data.dataset, tok_config.data.data_dir).num_classes
     stats = latent_diffusion.latent_statistics(latents)
     latent_shape = latents.shape[1:]
     normalized = np.asarray(latent_diffusion.normalize(latents, stats))
@@ -143,7 +145,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         donate_argnums=0,
     )
     batches = (
-        pipeline.make_global_batch(batch, mesh)
+        sharding.make_global_batch(batch, mesh)
         for batch in latent_diffusion.LatentBatches(
             normalized, labels, batch_size=config.batch_size, seed=config.seed,
             start_step=start_step))
@@ -220,6 +222,7 @@ def load_dit(workdir: str):
 
 def main(argv):
     del argv
+    common.configure_logging()
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

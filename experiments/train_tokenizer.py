@@ -68,8 +68,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     image_shape = common.image_shape(config.data, info)
     eval_images, _ = pipeline.load_split_as_arrays(
         config.data.dataset, config.data.eval_split, config.data.data_dir,
-        image_size=config.data.image_size, crop=config.data.crop,
-        max_examples=config.num_eval_images)
+        image_size=config.data.image_size, crop=config.data.crop)
+    eval_images = eval_images[:config.num_eval_images]
 
     # Model, optimizer and state on the mesh, resumed if a checkpoint exists.
     model, tx, init_fn = build(config, image_shape)
@@ -97,8 +97,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             num_codes=config.vq.num_codes)
         if jax.process_index() == 0:
             save_reconstructions(os.path.join(workdir, f"recon_{step:06d}.png"), eval_images, recon)
-        logging.info("[tokenizer] eval at step %d: %s", step, metrics)
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        scalars = {k: v for k, v in metrics.items() if k != "code_counts"}
+        logging.info("[tokenizer] eval at step %d: %s", step, scalars)
+        return {f"eval/{k}": v for k, v in scalars.items()}
 
     writer = metric_writers.MetricWriter(workdir)
     loop = trainer.LoopConfig(
@@ -118,7 +119,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     common.write_json(os.path.join(workdir, "eval_metrics.json"), metrics)
     if jax.process_index() == 0:
         save_reconstructions(os.path.join(workdir, "reconstructions.png"), eval_images, recon)
-    logging.info("[tokenizer] held-out metrics: %s", metrics)
+    logging.info("[tokenizer] held-out metrics: %s",
+                 {k: v for k, v in metrics.items() if k != "code_counts"})
     writer.close()
     checkpointer.close()
     return metrics
@@ -159,6 +161,7 @@ def load_tokenizer(workdir: str):
 
 def main(argv):
     del argv
+    common.configure_logging()
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -1,5 +1,6 @@
 """Tests for the Diffusion Transformer: adaLN-Zero, patches, position embeddings, labels."""
 
+import functools
 import math
 
 import chex
@@ -25,14 +26,30 @@ def _inputs(key, shape=(2, 8, 8, 4)):
     return x, t, y
 
 
-def _init(model, x, t, y, seed=0):
-    return model.init(jax.random.key(seed), x, t, y, train=False)
+# The tests share compiled forward and gradient functions, one per model configuration, and
+# initial parameters. Initialisation runs op by op: after the first model, JAX's cache of
+# compiled ops makes each further one cheaper than compiling a jitted init.
+@functools.cache
+def _compiled_apply(model: dit.DiT):
+    return jax.jit(model.apply, static_argnames="train")
 
 
 def _apply(model, variables, x, t, y, **kwargs):
-    # Op by op, not jitted: JAX caches each compiled op across tests, while every jit of a
-    # new model compiles the whole graph again, which is slower for these small tests.
-    return model.apply(variables, x, t, y, **kwargs)
+    return _compiled_apply(model)(variables, x, t, y, **kwargs)
+
+
+@functools.cache
+def _init_params(model: dit.DiT, channels: int):
+    """Initial parameters for latents with `channels` channels (seed 0)."""
+    side = 2 * model.patch_size
+    x = jnp.zeros((1, side, side, channels))
+    t = y = jnp.zeros((1,), jnp.int32)
+    return model.init(jax.random.key(0), x, t, y, train=False)["params"]
+
+
+def _init(model, x, t, y):
+    del t, y  # The parameters depend only on the model and the channel count.
+    return {"params": _init_params(model, x.shape[-1])}
 
 
 def _randomize(params, key, stddev=0.1):
@@ -102,16 +119,21 @@ def test_output_zero_at_init():
         model = _tiny(learn_sigma=learn_sigma)
         x, t, y = _inputs(jax.random.key(1))
         variables = _init(model, x, t, y)
-        out = _apply(model, variables, x, t, y, train=True, rngs={"label_drop": jax.random.key(2)})
+        out = _apply(model, variables, x, t, y, train=False)
         assert np.all(np.asarray(out) == 0), f"learn_sigma={learn_sigma}"
 
 
-def _mse_grads(model, params, x, t, y, target):
-    def loss_fn(p):
-        out = model.apply({"params": p}, x, t, y, train=False)
+@functools.cache
+def _compiled_grad(model: dit.DiT):
+    def loss_fn(params, x, t, y, target):
+        out = model.apply({"params": params}, x, t, y, train=False)
         return jnp.mean((out - target) ** 2)
 
-    return jax.grad(loss_fn)(params)
+    return jax.jit(jax.grad(loss_fn))
+
+
+def _mse_grads(model, params, x, t, y, target):
+    return _compiled_grad(model)(params, x, t, y, target)
 
 
 def test_grad_at_init_only_final_linear():
@@ -351,7 +373,7 @@ def test_label_drop_needs_rng():
     x, t, y = _inputs(jax.random.key(0))
     variables = _init(model, x, t, y)
     with pytest.raises(ValueError, match="label_drop"):
-        model.apply(variables, x, t, y, train=True)
+        _apply(model, variables, x, t, y, train=True)
 
 
 def test_check_labels_range():
@@ -425,7 +447,7 @@ def test_indivisible_size_error():
     model = _tiny()
     x, t, y = _inputs(jax.random.key(0), shape=(1, 5, 6, 2))
     with pytest.raises(ValueError, match="height 5 and width 6.*patch_size 2"):
-        _init(model, x, t, y)
+        model.init(jax.random.key(0), x, t, y, train=False)
     with pytest.raises(ValueError, match="patch_size 4"):
         dit.patchify(jnp.zeros((1, 8, 6, 2)), 4)
 
@@ -434,11 +456,13 @@ def test_bf16_close_to_f32():
     x, t, y = _inputs(jax.random.key(0), shape=(2, 8, 8, 4))
     model_f32 = _tiny()
     model_bf16 = _tiny(dtype=jnp.bfloat16)
-    variables_bf16 = _init(model_bf16, x, t, y)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables_bf16):
+    init_shapes = jax.eval_shape(
+        functools.partial(model_bf16.init, train=False), jax.random.key(0), x, t, y
+    )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(init_shapes):
         assert leaf.dtype == jnp.float32, _path_name(path)
 
-    params = _randomize(variables_bf16["params"], jax.random.key(1))
+    params = _randomize(_init(model_f32, x, t, y)["params"], jax.random.key(1))
     out_f32 = _apply(model_f32, {"params": params}, x, t, y, train=False)
     out_bf16 = _apply(model_bf16, {"params": params}, x, t, y, train=False)
 

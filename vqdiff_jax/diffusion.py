@@ -614,7 +614,8 @@ def ddim_sample(
     Give either `num_steps` (with `spacing`, see `timestep_spacing`) or an explicit `timesteps`
     array. Under `jax.jit`, pass `timesteps` as a traced argument so that every spacing with
     the same number of steps reuses one compilation. The model's variance channels, if any, are
-    ignored. Step i uses noise from `jax.random.fold_in(key, i)` (only when eta > 0).
+    ignored. Step i scales noise from `jax.random.fold_in(key, i)` by its sigma, which is 0 for
+    eta = 0.
 
     Args:
       model_fn: `model_fn(x_t [B, H, W, C], t int32 [B])` returning [B, H, W, C] or 2C channels.
@@ -637,6 +638,8 @@ def ddim_sample(
     latent_channels = x_T.shape[-1]
     alpha_bar_t, alpha_bar_prev = alpha_bar_pairs(schedule, timesteps)
     step_indices = jnp.arange(timesteps.shape[0])
+    # A concrete eta of 0 needs no noise, which saves drawing it at every step.
+    add_noise = isinstance(eta, jax.core.Tracer) or bool(np.any(np.asarray(eta) != 0))
 
     def step(x, inputs):
         t_step, a_t, a_prev, index = inputs
@@ -646,7 +649,9 @@ def ddim_sample(
         if clip_x0 is not None:
             x0_pred = jnp.clip(x0_pred, -clip_x0, clip_x0)
             eps_pred = (x - sqrt_a * x0_pred) / sqrt_one_minus_a
-        noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32)
+        noise = None
+        if add_noise:
+            noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32)
         x_prev = _ddim_update(x0_pred, eps_pred, a_t, a_prev, eta, noise).astype(x.dtype)
         return x_prev, (x_prev if return_trajectory else None)
 

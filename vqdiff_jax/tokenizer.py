@@ -182,7 +182,7 @@ def evaluate(model: VQVAE, state: TrainState, images: np.ndarray, *, batch_size:
     """Reconstruction and codebook-usage metrics on held-out images [N, H, W, C].
 
     Returns (metrics, reconstructions); PSNR is averaged over images, usage is
-    from the histogram of every code of every image.
+    from the histogram of every code of every image (`code_counts`, [K]).
     """
     codebook = current_codebook(state)
     psnrs, recons, counts = [], [], np.zeros(num_codes, np.float64)
@@ -199,5 +199,6 @@ def evaluate(model: VQVAE, state: TrainState, images: np.ndarray, *, batch_size:
         "codes_used_fraction": float(usage["codes_used_fraction"]),
         "perplexity": float(usage["perplexity"]),
         "num_images": int(len(images)),
+        "code_counts": counts.astype(int).tolist(),
     }
     return metrics, np.concatenate(recons)

@@ -20,6 +20,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.tokenizer_workdir = ml_collections.config_dict.placeholder(str)
+    # Where the encoded training set is cached; None: <workdir>/latents.npz.
+    config.latents_path = ml_collections.config_dict.placeholder(str)
 
     config.model = ml_collections.ConfigDict()
     # A preset name such as 'DiT-S/2' overrides the explicit sizes below.
