@@ -18,14 +18,6 @@ from absl import app, flags, logging
 from experiments import common, train_dit
 from vqdiff_jax import images as images_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of experiments.train_dit.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where samples.npz and samples.png go.")
-_PER_CLASS = flags.DEFINE_integer("per_class", None, "Images per class (config default if unset).")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
-_STEPS = flags.DEFINE_integer("num_steps", None, "Sampling steps.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler.")
-_SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
-
 
 def sample_to_dir(dit_workdir: str, output_dir: str, *, overrides: dict | None = None) -> dict:
     """Generate `per_class` images of every class; write samples.npz and samples.png.
@@ -74,11 +66,23 @@ def main(argv):
     del argv
     common.configure_logging()
     jnp.zeros(())
-    sample_to_dir(_WORKDIR.value, _OUTPUT_DIR.value, overrides={
-        "per_class": _PER_CLASS.value, "guidance_scale": _GUIDANCE.value,
-        "num_steps": _STEPS.value, "sampler": _SAMPLER.value, "seed": _SEED.value})
+    sample_to_dir(flags.FLAGS.workdir, flags.FLAGS.output_dir, overrides={
+        "per_class": flags.FLAGS.per_class, "guidance_scale": flags.FLAGS.guidance_scale,
+        "num_steps": flags.FLAGS.num_steps, "sampler": flags.FLAGS.sampler, "seed": flags.FLAGS.seed})
+
+
+def define_flags() -> None:
+    """Define the command-line flags; called only when the module runs as a script."""
+    flags.DEFINE_string("workdir", None, "Work directory of experiments.train_dit.")
+    flags.DEFINE_string("output_dir", None, "Where samples.npz and samples.png go.")
+    flags.DEFINE_integer("per_class", None, "Images per class; the config value if unset.")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
+    flags.DEFINE_integer("num_steps", None, "Sampling steps.")
+    flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler.")
+    flags.DEFINE_integer("seed", None, "Sampling seed.")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["workdir", "output_dir"])
     app.run(main)

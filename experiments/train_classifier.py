@@ -160,7 +160,12 @@ def main(argv):
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
+def define_flags() -> None:
+    """Define the command-line flags; called only when the module runs as a script."""
+
+
 if __name__ == "__main__":
+    define_flags()
     # Defined here, not at import, so that a pipeline can import several
     # experiment modules without absl rejecting duplicate flag names.
     config_flags.DEFINE_config_file("config", None, "Classifier config file.")

@@ -26,9 +26,6 @@ from vqdiff_jax import parallel, tokenizer, trainer
 from vqdiff_jax.data import pipeline, sharding
 from vqdiff_jax.train_state import make_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "DiT config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
-
 
 def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size: int):
     """Encode the tokenizer's training split once and cache it in `path`.
@@ -224,9 +221,16 @@ def main(argv):
     del argv
     common.configure_logging()
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def define_flags() -> None:
+    """Define the command-line flags; called only when the module runs as a script."""
+    config_flags.DEFINE_config_file("config", None, "DiT config file.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -26,9 +26,6 @@ from vqdiff_jax.data import pipeline
 from vqdiff_jax.models.vqvae import make_vqvae
 from vqdiff_jax.train_state import make_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenizer config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
-
 
 def fingerprint(config, image_shape) -> dict:
     """Config fields that fix the structure of the saved state."""
@@ -163,9 +160,16 @@ def main(argv):
     del argv
     common.configure_logging()
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def define_flags() -> None:
+    """Define the command-line flags; called only when the module runs as a script."""
+    config_flags.DEFINE_config_file("config", None, "Tokenizer config file.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -154,7 +154,7 @@ def test_q_sample_statistics():
     eps = jax.random.normal(jax.random.key(0), x_0.shape)
     x_t = np.asarray(diffusion.q_sample(SCHEDULE, x_0, t, eps))
     a = ALPHA_BAR[300]
-    # Standard errors are 1/sqrt(n) ~ 0.007 of the standard deviation; allow about 4 of them.
+    # The standard error is 1/sqrt(n) ~ 0.007 of the standard deviation. Allow about 4 of them.
     assert x_t.mean() == pytest.approx(math.sqrt(a) * 1.5, abs=0.03)
     assert x_t.std() == pytest.approx(math.sqrt(1 - a), rel=0.03)
 
@@ -194,8 +194,9 @@ def test_unknown_prediction_type_rejected():
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion.predict_x0_and_eps(SCHEDULE, x_0, t, x_0, "score")
     with pytest.raises(ValueError, match="prediction_type"):
-        diffusion.ddim_sample(_zero_model, SCHEDULE, x_0, jax.random.key(0), num_steps=2,
-                              prediction_type="score")
+        diffusion.ddim_sample(
+            _zero_model, SCHEDULE, x_0, jax.random.key(0), num_steps=2, prediction_type="score"
+        )
 
 
 @pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
@@ -208,8 +209,14 @@ def test_loss_mse_and_gradient(prediction_type):
 
     def loss_fn(model_output):
         return diffusion.diffusion_loss(
-            SCHEDULE, model_output, x_0, x_t, t, eps,
-            prediction_type=prediction_type, learned_variance=False,
+            SCHEDULE,
+            model_output,
+            x_0,
+            x_t,
+            t,
+            eps,
+            prediction_type=prediction_type,
+            learned_variance=False,
         )
 
     terms = loss_fn(output)
@@ -240,7 +247,10 @@ def _numpy_vlb_terms(x_0, x_t, t, prediction, variance_values):
     model_log_var = fraction * max_log + (1 - fraction) * min_log
 
     kl = 0.5 * (
-        -1 + model_log_var - min_log + np.exp(min_log - model_log_var)
+        -1
+        + model_log_var
+        - min_log
+        + np.exp(min_log - model_log_var)
         + (true_mean - model_mean) ** 2 / np.exp(model_log_var)
     )
     scale = np.exp(0.5 * model_log_var)
@@ -289,7 +299,14 @@ def test_loss_vlb_matches_numpy():
     assert float(terms["loss"]) == pytest.approx(mse + per_example.mean(), rel=1e-4)
 
     terms_weighted = diffusion.diffusion_loss(
-        SCHEDULE, output, x_0, x_t, t, eps, prediction_type="eps", learned_variance=True,
+        SCHEDULE,
+        output,
+        x_0,
+        x_t,
+        t,
+        eps,
+        prediction_type="eps",
+        learned_variance=True,
         vlb_weight=0.5,
     )
     assert float(terms_weighted["loss"]) == pytest.approx(
@@ -306,9 +323,16 @@ def test_loss_vlb_gradients():
     def term(name):
         def fn(model_output):
             return diffusion.diffusion_loss(
-                SCHEDULE, model_output, x_0, x_t, t, eps,
-                prediction_type="eps", learned_variance=True,
+                SCHEDULE,
+                model_output,
+                x_0,
+                x_t,
+                t,
+                eps,
+                prediction_type="eps",
+                learned_variance=True,
             )[name]
+
         return jax.jit(jax.grad(fn))(output)
 
     grad_vlb, grad_mse = np.asarray(term("vlb")), np.asarray(term("mse"))
@@ -316,7 +340,7 @@ def test_loss_vlb_gradients():
     assert np.all(grad_mse[..., c:] == 0.0), "the MSE must not train the variance channels"
 
     # d KL / d model_log_var = 0.5 (1 - exp(lv1 - lv2) - (mu1 - mu2)^2 exp(-lv2)), and
-    # d model_log_var / d value = (max_log - min_log) / 2; the mean divides by B * H * W * C.
+    # d model_log_var / d value = (max_log - min_log) / 2. The mean divides by B * H * W * C.
     _, model_log_var, min_log, true_mean, model_mean = _numpy_vlb_terms(
         x_0, x_t, t, prediction, variance_values
     )
@@ -337,7 +361,13 @@ def test_loss_rejects_wrong_channels():
         )
     with pytest.raises(ValueError, match="needs 3 channels"):
         diffusion.diffusion_loss(
-            SCHEDULE, x_0[..., :2], x_0, x_0, t, eps, prediction_type="eps",
+            SCHEDULE,
+            x_0[..., :2],
+            x_0,
+            x_0,
+            t,
+            eps,
+            prediction_type="eps",
             learned_variance=False,
         )
 
@@ -364,7 +394,13 @@ def test_spacing_ten_steps(mode, expected):
 def test_spacing_linspace_rounds_half_even():
     # linspace(0, 999, 7) has 166.5, 499.5 and 832.5, which round to 166, 500 and 832.
     assert diffusion.timestep_spacing(T, 7, "linspace").tolist() == [
-        999, 832, 666, 500, 333, 166, 0,
+        999,
+        832,
+        666,
+        500,
+        333,
+        166,
+        0,
     ]
 
 
@@ -388,9 +424,11 @@ def test_spacing_strictly_decreasing_in_range(mode):
             assert timesteps.max() <= num_timesteps - 1
 
 
-def test_spacing_single_step_starts_at_noise():
+def test_spacing_single_step():
     assert diffusion.timestep_spacing(T, 1, "linspace").tolist() == [999]
     assert diffusion.timestep_spacing(T, 1, "trailing").tolist() == [999]
+    # 'leading' keeps its definition and never reaches T - 1 with few steps.
+    assert diffusion.timestep_spacing(T, 1, "leading").tolist() == [0]
 
 
 @pytest.mark.parametrize("num_steps", [0, -3, 1001, 2.5, True])
@@ -443,9 +481,7 @@ def _ddim_reference(x_t, eps_pred, a_t, a_prev, eta, noise):
     return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps_pred + sigma * noise
 
 
-@pytest.mark.parametrize(
-    "eta, expected", [(0.0, 1.04130427), (0.5, 1.05798375), (1.0, 1.00696053)]
-)
+@pytest.mark.parametrize("eta, expected", [(0.0, 1.04130427), (0.5, 1.05798375), (1.0, 1.00696053)])
 def test_ddim_step_eta(eta, expected):
     reference = _ddim_reference(1.0, 0.5, 0.5, 0.8, eta, 0.2)
     assert reference == pytest.approx(expected, abs=1e-8)
@@ -458,7 +494,9 @@ def test_ddim_step_eta(eta, expected):
 
 
 def test_ddim_step_needs_noise_for_eta():
-    assert float(diffusion.ddim_step(1.0, 0.5, 0.5, 0.8, 0.0)) == pytest.approx(1.04130427, abs=1e-6)
+    assert float(diffusion.ddim_step(1.0, 0.5, 0.5, 0.8, 0.0)) == pytest.approx(
+        1.04130427, abs=1e-6
+    )
     with pytest.raises(ValueError, match="eta=0.5 needs noise"):
         diffusion.ddim_step(1.0, 0.5, 0.5, 0.8, 0.5)
 
@@ -540,8 +578,13 @@ def test_ddim_oracle_recovers_x0(prediction_type, spacing, num_steps):
     x_0 = _normal(13)
     x_T = _normal(14)
     x_out = diffusion.ddim_sample(
-        _oracle_model(x_0, prediction_type), SCHEDULE, x_T, jax.random.key(0),
-        num_steps=num_steps, spacing=spacing, prediction_type=prediction_type,
+        _oracle_model(x_0, prediction_type),
+        SCHEDULE,
+        x_T,
+        jax.random.key(0),
+        num_steps=num_steps,
+        spacing=spacing,
+        prediction_type=prediction_type,
     )
     np.testing.assert_allclose(x_out, x_0, atol=1e-5)
 
@@ -551,8 +594,12 @@ def test_ddpm_oracle_recovers_x0(prediction_type, num_steps):
     x_0 = _normal(15)
     x_T = _normal(16)
     x_out = diffusion.ddpm_sample(
-        _oracle_model(x_0, prediction_type), SCHEDULE, x_T, jax.random.key(1),
-        num_steps=num_steps, prediction_type=prediction_type,
+        _oracle_model(x_0, prediction_type),
+        SCHEDULE,
+        x_T,
+        jax.random.key(1),
+        num_steps=num_steps,
+        prediction_type=prediction_type,
     )
     np.testing.assert_allclose(x_out, x_0, atol=1e-5)
 
@@ -582,8 +629,13 @@ def test_ddpm_two_steps_by_hand(fixed_variance):
     key = jax.random.key(3)
     x_T = _normal(19, (1, 2, 2, 1)).astype(np.float64)
     x_out, trajectory = diffusion.ddpm_sample(
-        _zero_model, SCHEDULE, x_T.astype(np.float32), key, num_steps=2,
-        fixed_variance=fixed_variance, return_trajectory=True,
+        _zero_model,
+        SCHEDULE,
+        x_T.astype(np.float32),
+        key,
+        num_steps=2,
+        fixed_variance=fixed_variance,
+        return_trajectory=True,
     )
     assert trajectory.shape == (2, 1, 2, 2, 1)
     np.testing.assert_array_equal(trajectory[-1], x_out)
@@ -605,8 +657,13 @@ def test_ddpm_full_chain_uses_schedule_betas():
     key = jax.random.key(4)
     x_T = _normal(20, (1, 2, 2, 1)).astype(np.float64)
     _, trajectory = diffusion.ddpm_sample(
-        _zero_model, SCHEDULE, x_T.astype(np.float32), key, timesteps=np.array([1, 0]),
-        fixed_variance="large", return_trajectory=True,
+        _zero_model,
+        SCHEDULE,
+        x_T.astype(np.float32),
+        key,
+        timesteps=np.array([1, 0]),
+        fixed_variance="large",
+        return_trajectory=True,
     )
     a_t, a_prev, beta = ALPHA_BAR[1], ALPHA_BAR[0], BETAS[1]
     x0_pred = x_T / math.sqrt(a_t)
@@ -626,7 +683,7 @@ def test_clip_x0_applies(sampler):
         del t
         return jnp.full_like(x_t, 3.0)
 
-    kwargs = dict(num_steps=5, prediction_type="x0", clip_x0=1.0)
+    kwargs = {"num_steps": 5, "prediction_type": "x0", "clip_x0": 1.0}
     if sampler == "ddim":
         x_out = diffusion.ddim_sample(model_fn, SCHEDULE, x_T, jax.random.key(0), **kwargs)
     else:

@@ -52,12 +52,12 @@ def _init(model, x, t, y):
     return {"params": _init_params(model, x.shape[-1])}
 
 
-def _randomize(params, key, stddev=0.1):
+def _randomize(params, seed, stddev=0.1):
     """Replace every parameter by normal noise, so no layer is zero any more."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    new_leaves = [stddev * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(treedef, new_leaves)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.asarray(stddev * rng.standard_normal(leaf.shape), leaf.dtype), params
+    )
 
 
 def _path_name(path) -> str:
@@ -158,7 +158,7 @@ def test_grad_reaches_every_leaf():
     # so the zeros there come from adaLN-Zero and not from a disconnected graph.
     model = _tiny()
     x, t, y = _inputs(jax.random.key(3))
-    params = _randomize(_init(model, x, t, y)["params"], jax.random.key(5))
+    params = _randomize(_init(model, x, t, y)["params"], seed=5)
     target = jax.random.normal(jax.random.key(4), x.shape)
 
     grads = _mse_grads(model, params, x, t, y, target)
@@ -248,7 +248,7 @@ def test_dit_runs_non_square():
     model = _tiny()
     x = jnp.asarray(_coded_latent()) / 100.0
     t, y = jnp.array([7]), jnp.array([3])
-    params = _randomize(_init(model, x, t, y)["params"], jax.random.key(6))
+    params = _randomize(_init(model, x, t, y)["params"], seed=6)
 
     out = _apply(model, {"params": params}, x, t, y, train=False)
 
@@ -349,7 +349,7 @@ def test_label_drop_per_sample_in_dit():
     # decision is made once per sample and not per block, token or feature.
     model = _tiny(class_dropout_prob=0.5)
     x, t, y = _inputs(jax.random.key(7), shape=(8, 8, 8, 4))
-    params = _randomize(_init(model, x, t, y)["params"], jax.random.key(8))
+    params = _randomize(_init(model, x, t, y)["params"], seed=8)
     variables = {"params": params}
     batch = x.shape[0]
     keep_all, drop_all = jnp.zeros(batch, int), jnp.ones(batch, int)
@@ -394,7 +394,7 @@ def test_dit_rejects_bad_labels():
         model.apply(variables, x, t, jnp.array([0, 11]), train=False)
 
     # Under jit the values are unknown: the out-of-range row is NaN, as check_labels says.
-    params = _randomize(variables["params"], jax.random.key(1))
+    params = _randomize(variables["params"], seed=1)
     out = _apply(model, {"params": params}, x, t, jnp.array([0, 11]), train=False)
     assert np.all(np.isfinite(np.asarray(out[0])))
     assert np.all(np.isnan(np.asarray(out[1])))
@@ -462,7 +462,7 @@ def test_bf16_close_to_f32():
     for path, leaf in jax.tree_util.tree_leaves_with_path(init_shapes):
         assert leaf.dtype == jnp.float32, _path_name(path)
 
-    params = _randomize(_init(model_f32, x, t, y)["params"], jax.random.key(1))
+    params = _randomize(_init(model_f32, x, t, y)["params"], seed=1)
     out_f32 = _apply(model_f32, {"params": params}, x, t, y, train=False)
     out_bf16 = _apply(model_bf16, {"params": params}, x, t, y, train=False)
 

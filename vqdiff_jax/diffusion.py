@@ -11,9 +11,9 @@ Conventions used throughout:
   * prediction types: 'eps' (the noise), 'x0' (the clean latent) and
     'v' = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0.
   * A model with learned variance returns 2C channels for C latent channels: the prediction,
-    then values in [-1, 1] that interpolate the log variance between the clipped log posterior
-    variance (-1) and log beta_t (+1), the parameterisation of Improved DDPM
-    (Nichol & Dhariwal, 2021) that the DiT reference uses.
+    then values in [-1, 1]. These interpolate the log variance between the clipped log
+    posterior variance (-1) and log beta_t (+1), as the learned-range variance of the DiT
+    reference code (facebookresearch/DiT, diffusion/gaussian_diffusion.py) does.
 
 The samplers run one `lax.scan` over an int32 timestep array, so the timesteps are traced values:
 the model is traced once per sampler call, and a jitted wrapper that takes `timesteps` as an
@@ -21,7 +21,7 @@ argument compiles once for every timestep array of the same length.
 """
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import chex
 import flax
@@ -104,8 +104,8 @@ def make_schedule(betas) -> DiffusionSchedule:
     if not np.all((betas > 0.0) & (betas < 1.0)):
         bad = betas[~((betas > 0.0) & (betas < 1.0))]
         raise ValueError(
-            f"Every beta must lie in the open interval (0, 1), got {bad[:5].tolist()}; "
-            "cap the schedule below 1 (for example max_beta=0.999)."
+            f"Every beta must lie in the open interval (0, 1), got {bad[:5].tolist()}. "
+            "Cap the schedule below 1 (for example max_beta=0.999)."
         )
 
     alphas = 1.0 - betas
@@ -113,22 +113,24 @@ def make_schedule(betas) -> DiffusionSchedule:
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
 
-    table = dict(
-        betas=betas,
-        log_betas=np.log(betas),
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=np.log(
+    table = {
+        "betas": betas,
+        "log_betas": np.log(betas),
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(
             np.append(posterior_variance[1], posterior_variance[1:])
         ),
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-    )
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (
+            (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
+        ),
+    }
     return DiffusionSchedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in table.items()})
 
 
@@ -155,7 +157,9 @@ def _check_prediction_type(prediction_type: str) -> None:
         )
 
 
-def q_sample(schedule: DiffusionSchedule, x_0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+def q_sample(
+    schedule: DiffusionSchedule, x_0: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
     """Noise `x_0` to timestep `t`: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 
     Args:
@@ -184,7 +188,7 @@ def training_target(
 ) -> jax.Array:
     """Return what the model should output for `prediction_type` ('eps', 'v' or 'x0').
 
-    Shapes as in `q_sample`; the target has the shape of `x_0`.
+    Shapes as in `q_sample`, and the target has the shape of `x_0`.
     """
     _check_prediction_type(prediction_type)
     chex.assert_equal_shape([x_0, eps])
@@ -316,8 +320,8 @@ def diffusion_loss(
     the loss adds vlb_weight * T * L_t, where L_t is the variational bound term at `t` in bits
     per dimension: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the discretized
     decoder negative log likelihood for t = 0. T * L_t is an unbiased estimate of the whole
-    bound for uniformly drawn t, so the default weight 1e-3 is the hybrid loss of Improved DDPM
-    and equals the DiT reference loss at any T. The bound sees the predicted mean through
+    bound for uniformly drawn t. With T = 1000 the default weight 1e-3 gives mse + L_t, the
+    loss of the DiT reference code. The bound receives the predicted mean through
     `stop_gradient`, so it trains only the variance channels.
 
     Args:
@@ -339,9 +343,7 @@ def diffusion_loss(
     chex.assert_equal_shape([x_0, x_t, eps])
     _check_batch(x_0, t)
     model_output = model_output.astype(jnp.float32)
-    prediction, variance_values = _split_model_output(
-        model_output, x_0.shape[-1], learned_variance
-    )
+    prediction, variance_values = _split_model_output(model_output, x_0.shape[-1], learned_variance)
 
     target = training_target(schedule, x_0, t, eps, prediction_type)
     mse = jnp.mean(jnp.square(prediction - target))
@@ -364,7 +366,7 @@ def diffusion_loss(
     true_mean = coef1 * x_0 + coef2 * x_t
     kl = _mean_over_non_batch(normal_kl(true_mean, min_log, model_mean, model_log_variance))
     # NOTE: the t = 0 decoder term assumes 8-bit data scaled to [-1, 1], as in the DiT
-    # reference, although latents are continuous; it only shapes the variance at t = 0.
+    # reference, although latents are continuous. It only trains the variance at t = 0.
     decoder_nll = -_mean_over_non_batch(
         discretized_gaussian_log_likelihood(x_0, model_mean, 0.5 * model_log_variance)
     )
@@ -388,8 +390,9 @@ def timestep_spacing(num_timesteps: int, num_steps: int, mode: str) -> np.ndarra
     """Choose `num_steps` of the `num_timesteps` schedule indices for a sampler, in descending order.
 
     Modes:
-      'leading': multiples of T // S from 0, so the first step starts below T - 1 unless S
-        divides T evenly (T = 1000, S = 10 gives 900, 800, ..., 0).
+      'leading': multiples of T // S from 0 (T = 1000, S = 10 gives 900, 800, ..., 0). The
+        first step, (S - 1) * (T // S), lies below T - 1 unless S = T, and is 0 for S = 1, so
+        few-step samplers should prefer 'trailing' or 'linspace'.
       'trailing': round(T - i * T / S) - 1, always starting at T - 1 (999, 899, ..., 99).
       'linspace': S points evenly spaced over [0, T - 1], rounded half to even as numpy rounds
         (999, 888, ..., 111, 0). With S = 1 the single step is T - 1.
@@ -444,7 +447,7 @@ def _ddim_update(x0_pred, eps_pred, alpha_bar_t, alpha_bar_prev, eta, noise):
         * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t))
         * jnp.sqrt(1.0 - alpha_bar_t / alpha_bar_prev)
     )
-    # The clamp only absorbs float rounding: sigma^2 <= 1 - alpha_bar_prev whenever eta <= 1.
+    # The clamp only absorbs float rounding, because sigma^2 <= 1 - alpha_bar_prev when eta <= 1.
     eps_scale = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - jnp.square(sigma), 0.0))
     x_prev = jnp.sqrt(alpha_bar_prev) * x0_pred + eps_scale * eps_pred
     if noise is not None:
@@ -469,7 +472,9 @@ def ddim_step(x_t, eps_pred, alpha_bar_t, alpha_bar_prev, eta, noise=None) -> ja
       noise: standard normal noise of `x_t`'s shape; may be None only when eta is 0.
     """
     if noise is None and not isinstance(eta, jax.core.Tracer) and np.any(np.asarray(eta) != 0):
-        raise ValueError(f"ddim_step with eta={eta} needs noise; pass standard normal noise.")
+        raise ValueError(
+            f"ddim_step with eta={eta} needs noise. Pass standard normal noise of x_t's shape."
+        )
     x0_pred = (x_t - jnp.sqrt(1.0 - alpha_bar_t) * eps_pred) / jnp.sqrt(alpha_bar_t)
     return _ddim_update(x0_pred, eps_pred, alpha_bar_t, alpha_bar_prev, eta, noise)
 
@@ -574,7 +579,7 @@ def _resolve_timesteps(schedule, num_steps, timesteps, spacing) -> jax.Array:
         raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {timesteps.shape}.")
     if not jnp.issubdtype(timesteps.dtype, jnp.integer):
         raise ValueError(f"timesteps must be integers, got dtype {timesteps.dtype}.")
-    # Values can only be checked outside jit; a traced array is trusted to be valid.
+    # Values can only be checked outside jit, so a traced array is trusted to be valid.
     if not isinstance(timesteps, jax.core.Tracer):
         values = np.asarray(timesteps)
         if values.min() < 0 or values.max() >= num_timesteps or np.any(np.diff(values) >= 0):
@@ -612,10 +617,18 @@ def ddim_sample(
     """Sample with DDIM from x_T down to alpha_bar = 1, as one `lax.scan` over the timesteps.
 
     Give either `num_steps` (with `spacing`, see `timestep_spacing`) or an explicit `timesteps`
-    array. Under `jax.jit`, pass `timesteps` as a traced argument so that every spacing with
-    the same number of steps reuses one compilation. The model's variance channels, if any, are
-    ignored. Step i scales noise from `jax.random.fold_in(key, i)` by its sigma, which is 0 for
-    eta = 0.
+    array. Called outside jit, each call traces and compiles the loop again. Under `jax.jit`,
+    pass `timesteps` as an argument so that every spacing with the same number of steps reuses
+    one compilation, for example:
+
+        @jax.jit
+        def sample(variables, x_T, key, y, timesteps):
+            apply_fn = lambda x, t, labels: model.apply(variables, x, t, labels)
+            model_fn = guided_model_fn(apply_fn, y, num_classes, 4.0, x_T.shape[-1])
+            return ddim_sample(model_fn, schedule, x_T, key, timesteps=timesteps)
+
+    The model's variance channels, if any, are ignored. Step i scales noise from
+    `jax.random.fold_in(key, i)` by its sigma, which is 0 for eta = 0.
 
     Args:
       model_fn: `model_fn(x_t [B, H, W, C], t int32 [B])` returning [B, H, W, C] or 2C channels.
@@ -708,8 +721,8 @@ def ddpm_sample(
     coef1 = betas * jnp.sqrt(alpha_bar_prev) / (1.0 - alpha_bar_t)
     coef2 = (1.0 - alpha_bar_prev) * jnp.sqrt(1.0 - betas) / (1.0 - alpha_bar_t)
     posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
-    # The last step's posterior variance is 0; like the schedule, borrow the next-to-last step's
-    # value for its log (its beta when there is only one step). That step adds no noise anyway.
+    # The last step's posterior variance is 0. As in the schedule, its log takes the value of the
+    # next-to-last step (or its beta when there is only one step). That step adds no noise.
     last_fallback = posterior_variance[-2] if num_sampler_steps > 1 else betas[-1]
     posterior_variance_clipped = posterior_variance.at[-1].set(last_fallback)
     min_log = jnp.log(posterior_variance_clipped)
@@ -723,9 +736,7 @@ def ddpm_sample(
         prediction, variance_values = _model_prediction(
             model_fn, x, t_step, latent_channels, learned_variance
         )
-        x0_pred, _ = _x0_and_eps(
-            x, prediction, jnp.sqrt(a_t), jnp.sqrt(1.0 - a_t), prediction_type
-        )
+        x0_pred, _ = _x0_and_eps(x, prediction, jnp.sqrt(a_t), jnp.sqrt(1.0 - a_t), prediction_type)
         if clip_x0 is not None:
             x0_pred = jnp.clip(x0_pred, -clip_x0, clip_x0)
         mean = c1 * x0_pred + c2 * x
@@ -741,7 +752,14 @@ def ddpm_sample(
         return x_prev, (x_prev if return_trajectory else None)
 
     inputs = (
-        timesteps, alpha_bar_t, coef1, coef2, min_log, max_log, fixed_log_variance, is_last,
+        timesteps,
+        alpha_bar_t,
+        coef1,
+        coef2,
+        min_log,
+        max_log,
+        fixed_log_variance,
+        is_last,
         step_indices,
     )
     x_0, trajectory = jax.lax.scan(step, x_T, inputs)

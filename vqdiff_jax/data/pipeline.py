@@ -11,8 +11,9 @@ Training stream. Global example position `p = step * global_batch_size + j`
 `permutation_e` is a stateless pseudorandom permutation derived from
 `(seed, epoch)` (`tf.random.experimental.index_shuffle`). So:
 
-* the stream depends only on `seed`, and a run resumed at `start_step = N`
-  yields exactly the batches of an uninterrupted run from step N on;
+* for a given split and global batch size the stream depends only on
+  `seed`, and a run resumed at `start_step = N` yields exactly the batches of
+  an uninterrupted run from step N on;
 * every epoch has its own order, and batches may cross epoch boundaries;
 * with `shuffle=False` the permutation is the identity, so step N holds
   examples `N*B ... N*B+B-1` (modulo `n`) in stored order;
@@ -20,9 +21,9 @@ Training stream. Global example position `p = step * global_batch_size + j`
   global batch, so the processes' batches together form the single-process
   global batch.
 
-Positions are computed, not skipped over, so resuming costs nothing, and each
-process decodes only its own examples. The encoded (undecoded) split is held in
-host memory once per iterator to allow this random access.
+Positions are computed, not skipped over, so resuming reads nothing extra, and
+each process decodes only its own examples. The encoded (undecoded) split is
+held in host memory once per iterator to allow this random access.
 
 Nothing here downloads data: builders are opened from `data_dir` and an
 unprepared dataset raises FileNotFoundError with the command that prepares it.
@@ -466,12 +467,15 @@ def make_train_dataset(
         )
     if start_step < 0:
         raise ValueError(f"Invalid start_step={start_step}; expected >= 0.")
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"Invalid seed={seed}; expected an integer that fits in int64.")
+    if not isinstance(seed, int | np.integer) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"Invalid seed={seed!r}; expected an integer that fits in int64.")
 
     num_examples = _count_examples(examples)
     if num_examples == 0:
         raise ValueError("The split has no examples.")
+    # NOTE: holding the encoded split in memory suits datasets of up to a few
+    # GB of encoded images, such as MNIST, CIFAR-10 or CelebA. Larger ones
+    # would need a random-access source, such as TFDS ArrayRecord files.
     table = examples.batch(num_examples).get_single_element()  # leaves [n]
 
     first_position = process_index * per_process_batch_size
@@ -510,43 +514,51 @@ def make_eval_dataset(
 ) -> tf.data.Dataset:
     """Build one ordered pass over `examples`, padded to whole batches.
 
-    Global batch `s` holds examples `s*B ... s*B+B-1`. The last global batch is
-    filled with copies of the first example, marked by `mask=False`; process
-    `i` of `k` gets positions `[i*B/k, (i+1)*B/k)` of each global batch.
+    Global batch `s` holds examples `s*B ... s*B+B-1`, and process `i` of `k`
+    gets positions `[i*B/k, (i+1)*B/k)` of each global batch. Positions past
+    the end of the split are padding: copies of the first example with
+    `mask=False`.
 
     Returns:
       Finite dataset of dicts of `[batch_size // process_count, ...]`, with a
       bool `mask` that is False on padding.
 
     Raises:
-      ValueError: if `batch_size` is not divisible by `process_count` or the
-        process is out of range.
+      ValueError: if `batch_size` is not divisible by `process_count`, the
+        process is out of range, or `examples` is infinite.
     """
     per_process_batch_size = _per_process_batch_size(batch_size, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(
             f"Invalid process_index={process_index} for process_count={process_count}."
         )
-    first = process_index * per_process_batch_size
-    last = first + per_process_batch_size
+    num_examples = _count_examples(examples)
+    num_batches = -(-num_examples // batch_size)
+    first_position = process_index * per_process_batch_size
+    num_own_examples = sum(
+        min(per_process_batch_size, max(0, num_examples - (step * batch_size + first_position)))
+        for step in range(num_batches)
+    )
+    num_padding = num_batches * per_process_batch_size - num_own_examples
 
-    real = examples.map(lambda example: {**example, "mask": tf.constant(True)})
-    padding = examples.take(1).map(lambda example: {**example, "mask": tf.constant(False)})
-    ds = real.concatenate(padding.repeat())
-    ds = ds.batch(batch_size, drop_remainder=True)
-    # Padding only follows the real examples, so a batch that starts with
-    # padding holds nothing else.
-    ds = ds.take_while(lambda batch: batch["mask"][0])
-    ds = ds.map(lambda batch: tf.nest.map_structure(lambda column: column[first:last], batch))
-    ds = ds.unbatch()
-    if preprocess_fn is not None:
+    def with_mask(mask):
+        def add_mask(example):
+            output = dict(example) if preprocess_fn is None else preprocess_fn(example)
+            return {**output, "mask": tf.constant(mask)}
 
-        def preprocess_keeping_mask(example):
-            mask = example.pop("mask")
-            return {**preprocess_fn(example), "mask": mask}
+        return add_mask
 
-        ds = ds.map(preprocess_keeping_mask, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(per_process_batch_size, drop_remainder=True)
+    # Only the last global batch can be partial, and in it each process's real
+    # examples come first, so this process's examples followed by its padding
+    # fill its batches in order.
+    own = examples.enumerate().filter(
+        lambda position, _: (position % batch_size) // per_process_batch_size == process_index
+    )
+    own = own.map(lambda _, example: example)
+    own = own.map(with_mask(True), num_parallel_calls=tf.data.AUTOTUNE)
+    padding = examples.take(1).map(with_mask(False)).cache().repeat(num_padding)
+
+    ds = own.concatenate(padding).batch(per_process_batch_size, drop_remainder=True)
     return _deterministic(ds.prefetch(tf.data.AUTOTUNE))
 
 
