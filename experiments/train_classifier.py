@@ -162,13 +162,13 @@ def main(argv):
 
 def define_flags() -> None:
     """Define the command-line flags; called only when the module runs as a script."""
+    # Not defined at import, so that a pipeline can import several experiment
+    # modules without absl rejecting duplicate flag names.
+    config_flags.DEFINE_config_file("config", None, "Classifier config file.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval_metrics.json.")
 
 
 if __name__ == "__main__":
     define_flags()
-    # Defined here, not at import, so that a pipeline can import several
-    # experiment modules without absl rejecting duplicate flag names.
-    config_flags.DEFINE_config_file("config", None, "Classifier config file.")
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval_metrics.json.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

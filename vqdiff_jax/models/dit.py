@@ -1,5 +1,6 @@
-"""Diffusion Transformer (DiT, Peebles & Xie 2023, arXiv:2212.09748) in Flax Linen.
+"""Diffusion Transformer (DiT) in Flax Linen.
 
+The model is the one of Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023).
 The module and parameter names follow the authors' PyTorch `models.py` (`x_embedder`,
 `t_embedder`, `y_embedder`, `blocks_{i}`, `final_layer`, `adaLN_modulation`), so a reader of
 that file finds the same pieces here. Differences from that file:
@@ -8,9 +9,10 @@ that file finds the same pieces here. Differences from that file:
 - Non-square latents work: the position embedding is built from the patch grid's height and
   width, not from the square root of the token count.
 - The null label of classifier-free guidance is always `num_classes`, read from the module's
-  field, and the label table always has `num_classes + 1` rows.
+  field. The label table has `num_classes + 1` rows even when class_dropout_prob is 0, so
+  the null label always has an embedding.
 - The patch embedding is a Dense layer on flattened patches, which equals a stride-p
-  convolution, with each patch flattened as (patch row, patch column, channel).
+  convolution, with each patch flattened as (row in patch, column in patch, channel).
 
 The model is a pure Linen module: `init` and `apply` take explicit RNG keys. Label dropout
 reads the Linen RNG stream named 'label_drop'.
@@ -183,7 +185,8 @@ class Attention(nn.Module):
                        bias_init=_zeros, name="qkv")(x)  # [B, T, 3D]
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)  # [B, T, 3, N, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
-        # The fused kernel is chosen by JAX for the backend; logits and softmax are float32.
+        # With implementation=None, JAX 0.10 runs its XLA path, which computes the logits and
+        # the softmax in float32 for bfloat16 inputs too.
         out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, H]
         out = out.reshape(batch, tokens, self.hidden_size)  # [B, T, D]
         return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
@@ -404,9 +407,9 @@ class DiT(nn.Module):
           or 2 * channels with learn_sigma.
         """
         self._check_inputs(x, t, y)
-        _, h, w, c = x.shape
+        _, h, w, channels = x.shape
         p = self.patch_size
-        out_channels = 2 * c if self.learn_sigma else c
+        out_channels = 2 * channels if self.learn_sigma else channels
         pos_embed = get_2d_sincos_pos_embed(self.hidden_size, h // p, w // p)  # [T, D]
 
         x = patchify(x, p)  # [B, T, p*p*C]
@@ -473,8 +476,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndar
     """Build the fixed position embedding of a grid_h x grid_w patch grid.
 
     Tokens are in row-major order, as `patchify` makes them. The first embed_dim/2 values
-    of a token encode its column index and the last embed_dim/2 its row index; this is the
-    half order of the reference (MAE) code. Each half is `get_1d_sincos_pos_embed`.
+    of a token encode its column index and the last embed_dim/2 its row index, in the same
+    order as the reference (MAE) code. Each half is `get_1d_sincos_pos_embed`.
 
     Args:
       embed_dim: token width, divisible by 4.
@@ -496,7 +499,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndar
 
 
 # ------------------------------------------------------------------------------------------
-# Size presets: the paper's S, B, L and XL models, and a tiny model for tests.
+# Size presets: the S, B, L and XL models of Peebles & Xie (2023), and a tiny model for tests.
 # ------------------------------------------------------------------------------------------
 
 # (hidden_size, depth, num_heads, patch sizes)
