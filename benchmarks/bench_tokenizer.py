@@ -52,7 +52,11 @@ def build_jax(config, image_shape):
     """Return (step function that blocks, compile seconds)."""
     model = make_vqvae(config.model, image_shape[-1])
     tx = make_optimizer(config.optimizer, config.num_train_steps)
-    state = tokenizer.init_state(model, config.vq, tx, jax.random.key(0), image_shape)
+    # Built under jit, as vqdiff_jax.trainer does, so that no two leaves share a buffer:
+    # the eager init_state returns embed_sum and codebook as one array, which cannot
+    # be donated twice.
+    state = jax.jit(
+        lambda: tokenizer.init_state(model, config.vq, tx, jax.random.key(0), image_shape))()
     batch = {"image": jax.numpy.asarray(_images(config.batch_size, image_shape))}
     step_fn = jax.jit(
         tokenizer.make_train_step(model, config.vq, tx, seed=0), donate_argnums=0)

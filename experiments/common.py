@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
 
 from vqdiff_jax import checkpointing, parallel
@@ -36,8 +37,16 @@ def prepare_workdir(config, workdir: str, name: str) -> str:
 
 
 def prepare_data(data_config):
-    """Build the dataset if it can be built offline; return its info."""
-    pipeline.prepare_dataset(data_config.dataset, data_config.data_dir)
+    """Build the dataset if it can be built offline; return its info.
+
+    Process 0 builds; the others wait for it, so that concurrent builds never
+    write the same folder of a shared data directory.
+    """
+    if jax.process_index() == 0:
+        pipeline.prepare_dataset(data_config.dataset, data_config.data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("prepare_data")
+        pipeline.prepare_dataset(data_config.dataset, data_config.data_dir)
     return pipeline.dataset_info(data_config.dataset, data_config.data_dir)
 
 
@@ -45,6 +54,8 @@ def image_shape(data_config, info) -> tuple[int, int, int]:
     height, width, channels = info.image_shape
     if data_config.image_size:
         height = width = data_config.image_size
+    elif data_config.crop == "center" and height and width:
+        height = width = min(height, width)
     if height is None or width is None:
         raise ValueError(
             f"Dataset {info.name!r} has images of varying size; set data.image_size to resize "

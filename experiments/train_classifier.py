@@ -33,7 +33,7 @@ from vqdiff_jax.train_state import make_optimizer
 def make_train_step(model: classifier_lib.Classifier, tx, schedule, *, seed: int):
     """Build `train_step(state, batch) -> (state, metrics)`, to be jitted by the caller.
 
-    `batch` holds `image` [B, H, W, C] in [-1, 1] and `label` int [B]. Dropout
+    `batch` contains `image` [B, H, W, C] in [-1, 1] and `label` int [B]. Dropout
     draws from `purpose_key(step_key(seed, step), 'dropout')`.
     """
 
@@ -83,7 +83,7 @@ def evaluate(model, params, images, labels, *, batch_size: int) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train (or resume) the classifier in `workdir`; return the held-out metrics."""
+    """Train (or resume) the classifier in `workdir` and return the held-out metrics."""
     parallel.maybe_initialize_distributed(config)
     workdir = common.prepare_workdir(config, workdir, "classifier")
 
@@ -93,7 +93,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if not info.has_labels:
         raise ValueError(
             f"Dataset {config.data.dataset!r} has no `label` feature, so a classifier cannot "
-            "be trained on it; choose a labelled dataset in data.dataset.")
+            "be trained on it. Choose a labelled dataset in data.dataset.")
     image_shape = common.image_shape(config.data, info)
     eval_images, eval_labels = pipeline.load_split_as_arrays(
         config.data.dataset, config.data.eval_split, config.data.data_dir,

@@ -112,6 +112,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config.encode_batch_size)
     num_classes = pipeline.dataset_info(
         tok_config.data.dataset, tok_config.data.data_dir).num_classes
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"Training labels must lie in [0, {num_classes - 1}] for a dataset with "
+            f"{num_classes} classes, got min {labels.min()} and max {labels.max()}.")
     stats = latent_diffusion.latent_statistics(latents)
     latent_shape = latents.shape[1:]
     normalized = np.asarray(latent_diffusion.normalize(latents, stats))

@@ -99,7 +99,7 @@ def test_train_step_bias_gradient():
 
 
 def _run_steps(num_devices, num_steps=2):
-    """Run the jitted train step on a `data` mesh of `num_devices`; return the params."""
+    """Run the jitted train step on a `data` mesh of `num_devices` and return the params."""
     mesh = parallel.make_mesh(num_devices)
     model = _model(dropout_rate=0.5)
     tx = optax.adam(1e-2)
@@ -128,7 +128,7 @@ def test_train_step_devices_agree():
 
 
 # End-to-end runs of the experiment with the tiny config. One run is trained
-# once per module; tests that change it work on a copy of its work directory.
+# once per module, and tests that change it work on a copy of its work directory.
 
 
 def _tiny_config(data_dir):

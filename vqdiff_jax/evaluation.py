@@ -53,11 +53,11 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     num_examples, feature_dim = features.shape
     if num_examples < 2:
         raise ValueError(
-            f"A covariance needs at least 2 feature vectors, got {num_examples}; pass more "
+            f"A covariance needs at least 2 feature vectors, got {num_examples}. Pass more "
             "examples.")
     if not np.all(np.isfinite(features)):
         raise ValueError(
-            f"Features contain {np.sum(~np.isfinite(features))} NaN or Inf values; check the "
+            f"Features contain {np.sum(~np.isfinite(features))} NaN or Inf values. Check the "
             "images and the feature extractor.")
     if num_examples <= feature_dim:
         logging.warning(
@@ -81,7 +81,7 @@ def _check_statistics(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
     for label, value in ((f"mu{name}", mu), (f"sigma{name}", sigma)):
         if not np.all(np.isfinite(value)):
             raise ValueError(
-                f"{label} contains NaN or Inf; check the features it was computed from.")
+                f"{label} contains NaN or Inf. Check the features it was computed from.")
     return mu, sigma
 
 
@@ -132,7 +132,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 0.0,
     if not np.all(np.isfinite(covmean)):
         raise ValueError(
             "The matrix square root of sigma1 @ sigma2 contains NaN or Inf, which happens when "
-            "a covariance is singular; use more examples than feature dimensions or pass "
+            "a covariance is singular. Use more examples than feature dimensions or pass "
             "eps=1e-6.")
     if np.iscomplexobj(covmean):
         max_imag = float(np.max(np.abs(covmean.imag)))
@@ -146,7 +146,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 0.0,
         covmean = covmean.real
 
     distance = mean_term + trace_term - 2.0 * np.trace(covmean)
-    # The exact value is >= 0; rounding can leave a tiny negative one for identical sets.
+    # The exact value is >= 0, but rounding can leave a tiny negative one for identical sets.
     return max(float(distance), 0.0)
 
 
@@ -168,11 +168,13 @@ def _apply_classifier(model: classifier_lib.Classifier, params, images):
     return model.apply({"params": params}, images, train=False)
 
 
-def classifier_features_and_logits(model: classifier_lib.Classifier, params, images, *,
+def classifier_features_and_logits(model: classifier_lib.Classifier, params, images,
                                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Run the classifier over images [N, H, W, C] in batches.
 
-    The last batch is zero-padded to `batch_size`, so the function compiles once.
+    The last batch is zero-padded to the batch size, so every batch has the same
+    shape and the classifier compiles once. Fewer than `batch_size` images run
+    as one batch of their own size.
 
     Returns:
       (features [N, hidden_dim], logits [N, num_classes]) as float32 numpy arrays.
@@ -185,6 +187,7 @@ def classifier_features_and_logits(model: classifier_lib.Classifier, params, ima
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if len(images) == 0:
         raise ValueError("No images to classify: the image array is empty.")
+    batch_size = min(batch_size, len(images))
     features, logits = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -218,7 +221,7 @@ def accuracy(logits, labels) -> float:
     logits, labels = np.asarray(logits), np.asarray(labels)
     _check_labels(logits, labels)
     if labels.size == 0:
-        raise ValueError("Accuracy of zero examples is undefined; pass at least one example.")
+        raise ValueError("Accuracy of zero examples is undefined. Pass at least one example.")
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
@@ -258,7 +261,7 @@ def evaluate_samples(classifier_model: classifier_lib.Classifier, params, sample
     if sample_images.shape[1:] != reference_images.shape[1:]:
         raise ValueError(
             f"Samples have image shape {sample_images.shape[1:]} but reference images have "
-            f"{reference_images.shape[1:]}; resize one set to match the other.")
+            f"{reference_images.shape[1:]}. Resize one set to match the other.")
     sample_features, sample_logits = classifier_features_and_logits(
         classifier_model, params, sample_images, batch_size=batch_size)
     reference_features, _ = classifier_features_and_logits(
@@ -286,7 +289,7 @@ def load_classifier(workdir: str) -> tuple[classifier_lib.Classifier, dict]:
       (model, params).
 
     Raises:
-      FileNotFoundError: `workdir` holds no classifier checkpoint or no config.json.
+      FileNotFoundError: `workdir` contains no classifier checkpoint or no config.json.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     checkpoint_dir = os.path.join(workdir, "checkpoints")

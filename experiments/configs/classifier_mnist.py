@@ -12,10 +12,11 @@ ones in `eval_metrics.json`. The trained network scores generated samples
 (class accuracy and the Frechet distance of its 128-dimensional penultimate
 features, see `vqdiff_jax.evaluation`).
 
-Measured with this default config on a 2-core x86 CPU VM without accelerator
-(one JAX device, other jobs sharing the CPU): held-out accuracy 97.8 %, 98.0 %
-and 97.8 % with seeds 0, 1 and 2, in 81 to 171 s of wall time for the whole
-command (about 25 s of it is start-up and loading), depending on the load.
+Measured with this default config and the command above on a 2-core x86 CPU
+VM without accelerator (one JAX device, other jobs sharing the CPU): held-out
+accuracy 97.8 %, 98.0 % and 97.8 % with seeds 0, 1 and 2. The whole command
+took 81 to 171 s of wall time depending on the load, about 25 s of it start-up
+and data loading.
 """
 
 import ml_collections
@@ -72,5 +73,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.checkpoint_every = 1
         config.eval_batch_size = 128
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r}; known variants: 'tiny'.")
+        raise ValueError(f"Unknown variant {variant!r}. Known variants: 'tiny'.")
     return config

