@@ -62,4 +62,4 @@ def update_ema(ema_params, params, decay: float):
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree).astype(jnp.float32)
+    return optax.tree.norm(tree).astype(jnp.float32)
