@@ -64,6 +64,9 @@ def fingerprint(config, latent_shape, num_classes) -> dict:
 def decode_samples(tok_model, tok_state, latents, stats):
     """Snap normalised latents [B, h, w, D] to codes and decode them to images [B, H, W, C]."""
     codebook = tokenizer.current_codebook(tok_state)
+    # During training the latents come from the DiT state, replicated on the mesh, while
+    # the tokenizer sits on one device; copying them to the host lets jit place them there.
+    latents = jax.device_get(latents)
     codes = latent_diffusion.latents_to_codes(latents, stats, codebook)
     z_q = jnp.take(codebook, codes, axis=0)
     return tokenizer.decode_vectors(tok_model, tok_state.params, z_q)

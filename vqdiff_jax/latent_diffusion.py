@@ -120,8 +120,10 @@ def init_state(model: DiT, tx, key, latent_shape) -> TrainState:
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32)
     params = model.init(key, x, t, y, train=False)["params"]
+    # A copy, so that params and ema_params never share a buffer (the train step donates both).
+    ema_params = jax.tree.map(jnp.copy, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params)
+                      ema_params=ema_params)
 
 
 def make_train_step(model: DiT, schedule, diffusion_config, tx, *, seed: int, ema_decay: float):
