@@ -4,7 +4,7 @@ r"""Train a class-conditional DiT in the latent space of a trained tokenizer.
       --config.tokenizer_workdir=workdirs/tokenizer --workdir=workdirs/dit
 
 Writes into the work directory: `latents.npz` (the training set encoded once,
-with its labels), `checkpoints/` (Orbax; the metadata holds the latent
+with its labels), `checkpoints/` (Orbax, whose metadata contains the latent
 normalisation statistics; resumed automatically), `metrics.jsonl`,
 `tensorboard/` and `samples_<step>.png` (one row per class, from the EMA weights).
 """
@@ -64,8 +64,8 @@ def fingerprint(config, latent_shape, num_classes) -> dict:
 def decode_samples(tok_model, tok_state, latents, stats):
     """Snap normalised latents [B, h, w, D] to codes and decode them to images [B, H, W, C]."""
     codebook = tokenizer.current_codebook(tok_state)
-    # During training the latents come from the DiT state, replicated on the mesh, while
-    # the tokenizer sits on one device; copying them to the host lets jit place them there.
+    # In training the DiT state is replicated on the mesh, but the tokenizer is on one device.
+    # Copying the latents to the host lets jit place them on the tokenizer's device.
     latents = jax.device_get(latents)
     codes = latent_diffusion.latents_to_codes(latents, stats, codebook)
     z_q = jnp.take(codebook, codes, axis=0)
@@ -190,7 +190,7 @@ def load_dit(workdir: str):
     Returns a dict with `config`, `model`, `state`, `schedule`, `stats` (latent
     normalisation), `latent_shape`, `num_classes`, `tokenizer` (model, state,
     config). Raises FileNotFoundError naming the command that creates the
-    checkpoint when `workdir` holds none.
+    checkpoint when `workdir` contains none.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     command = ("python -m experiments.train_dit --config=experiments/configs/dit_mnist.py "
@@ -227,6 +227,8 @@ def load_dit(workdir: str):
 def main(argv):
     del argv
     common.configure_logging()
+    # jax.distributed must start before anything initialises the XLA backend.
+    parallel.maybe_initialize_distributed(flags.FLAGS.config)
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

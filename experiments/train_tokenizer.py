@@ -127,7 +127,7 @@ def load_tokenizer(workdir: str):
     """Restore a trained tokenizer from its work directory.
 
     Returns (model, state, config). Raises FileNotFoundError naming the command
-    that creates the checkpoint when `workdir` holds none.
+    that creates the checkpoint when `workdir` contains none.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config_path = os.path.join(workdir, "config.json")
@@ -159,6 +159,8 @@ def load_tokenizer(workdir: str):
 def main(argv):
     del argv
     common.configure_logging()
+    # jax.distributed must start before anything initialises the XLA backend.
+    parallel.maybe_initialize_distributed(flags.FLAGS.config)
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

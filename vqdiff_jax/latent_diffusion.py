@@ -157,7 +157,11 @@ def make_train_step(model: DiT, schedule, diffusion_config, tx, *, seed: int, em
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = update_ema(state.ema_params, params, ema_decay)
+        # EMA warm-up: the decay grows as (1 + n) / (10 + n) up to `ema_decay`, so the
+        # average does not stay close to the initial weights in short runs.
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        ema_params = update_ema(state.ema_params, params, decay)
 
         metrics = {
             "train/loss": loss,

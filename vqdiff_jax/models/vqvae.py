@@ -134,7 +134,9 @@ class VQVAE(nn.Module):
 
     def setup(self):
         if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}.")
+            raise ValueError(
+                f"latent_dim must be >= 1, got {self.latent_dim}. Set model.latent_dim to the "
+                "number of latent channels, e.g. 8.")
         if self.lookup_dim is not None and self.lookup_dim < 1:
             raise ValueError(
                     f"lookup_dim must be >= 1 or None, got {self.lookup_dim}; use None to quantize "
