@@ -24,6 +24,10 @@ from vqdiff_jax.data import pipeline
 
 NUM_CLASSES = 10
 
+# With `pytest --dist loadgroup`, every test here runs in one worker. Under other modes
+# the file lock in `_run_once` still trains each shared run once.
+pytestmark = pytest.mark.xdist_group("experiment_runs")
+
 
 # ---------------------------------------------------------------------------
 # Shared runs.
@@ -133,8 +137,8 @@ def _perplexity(counts):
 # ---------------------------------------------------------------------------
 
 
-def test_tokenizer_eval_metrics(tokenizer_workdir):
-    config = _tokenizer_config(pathlib.Path(tokenizer_workdir).parent)
+def test_tokenizer_eval_metrics(shared_root, tokenizer_workdir):
+    config = _tokenizer_config(shared_root)
     metrics = _read_json(os.path.join(tokenizer_workdir, "eval_metrics.json"))
 
     assert metrics["step"] == 1
@@ -162,10 +166,10 @@ def test_tokenizer_writes_files(tokenizer_workdir):
     assert _checkpoint_steps(tokenizer_workdir) == [1]
 
 
-def test_tokenizer_resume_no_retraining(tokenizer_workdir, tmp_path):
+def test_tokenizer_resume_no_retraining(shared_root, tokenizer_workdir, tmp_path):
     workdir = _copy_run(tokenizer_workdir, tmp_path)
     before = _read_json(os.path.join(workdir, "eval_metrics.json"))
-    config = _tokenizer_config(pathlib.Path(tokenizer_workdir).parent)
+    config = _tokenizer_config(shared_root)
     metrics = train_tokenizer.train_and_evaluate(config, workdir)
 
     assert metrics["step"] == 1
@@ -190,9 +194,9 @@ def test_load_tokenizer_restores(tokenizer_workdir):
     assert metrics["psnr"] == pytest.approx(expected["psnr"], rel=1e-5)
 
 
-def test_tokenizer_incompatible_checkpoint(tokenizer_workdir, tmp_path):
+def test_tokenizer_incompatible_checkpoint(shared_root, tokenizer_workdir, tmp_path):
     workdir = _copy_run(tokenizer_workdir, tmp_path)
-    config = _tokenizer_config(pathlib.Path(tokenizer_workdir).parent)
+    config = _tokenizer_config(shared_root)
     config.model.latent_dim = 5
     with pytest.raises(checkpointing.IncompatibleCheckpointError,
                        match=r"model\.latent_dim: checkpoint has 4, config has 5"):
@@ -205,9 +209,9 @@ def test_tokenizer_incompatible_checkpoint(tokenizer_workdir, tmp_path):
     ("model.latent_dim", 0, r"latent_dim must be >= 1, got 0"),
     ("vq.num_codes", 0, r"vq.num_codes \(the codebook size\) must be >= 1, got 0"),
 ])
-def test_tokenizer_bad_config(tokenizer_workdir, tmp_path, field, value, message):
+def test_tokenizer_bad_config(shared_root, tokenizer_workdir, tmp_path, field, value, message):
     # The error comes before any checkpoint is written.
-    config = _tokenizer_config(pathlib.Path(tokenizer_workdir).parent)
+    config = _tokenizer_config(shared_root)
     block, name = field.split(".")
     config[block][name] = value
     workdir = str(tmp_path / "run")

@@ -12,6 +12,7 @@ otherwise fresh initialisation.
 
 import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,17 +25,37 @@ class IncompatibleCheckpointError(ValueError):
 
 def check_writable(directory: str) -> None:
     """Raise a clear error if `directory` cannot be created or written."""
+    probe = os.path.join(directory, f".write_probe_{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+        finally:
+            if os.path.lexists(probe):
+                os.remove(probe)
     except OSError as e:
         raise OSError(
             f"Cannot write to the work directory {directory!r}: {e.strerror or e}. Choose a "
             "writable --workdir with free disk space."
         ) from e
+
+
+def _as_os_error(error: Exception) -> OSError | None:
+    """Return the OSError behind a failed Orbax write, or None for other errors.
+
+    Orbax writes arrays through TensorStore, which reports a failed write as a
+    ValueError with the system error number in the text, e.g. "RESOURCE_EXHAUSTED:
+    ... No space left on device [os_error_code='28']" (TensorStore as used by
+    orbax-checkpoint 0.12).
+    """
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"os_error_code='(\d+)'", str(error))
+    if isinstance(error, ValueError) and match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return None
 
 
 def _diff(expected: dict, found: dict, prefix: str = "") -> list[str]:
@@ -68,6 +89,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        self._failed_step: int | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -76,7 +98,20 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, extra_meta: dict | None = None) -> None:
-        """Save `state` as step `step` and wait until it is complete on disk."""
+        """Save `state` as step `step` and wait until it is complete on disk.
+
+        A failed write (full disk, unwritable directory) raises OSError with the
+        system error number; the step's temporary directory is never listed as a
+        checkpoint, so earlier checkpoints stay the latest ones. After any failed
+        save this object raises RuntimeError on `save`, because Orbax threads of
+        the failed save may still be writing; a new process resumes cleanly.
+        """
+        if self._failed_step is not None:
+            raise RuntimeError(
+                f"Saving the checkpoint for step {self._failed_step} in {self.directory!r} "
+                "failed earlier, so this Checkpointer saves nothing more. Restart the "
+                "process: it resumes from the last complete checkpoint."
+            )
         meta = {"fingerprint": self.fingerprint, "step": int(step), **(extra_meta or {})}
         try:
             self._manager.save(
@@ -87,10 +122,16 @@ class Checkpointer:
                 force=True,
             )
             self._manager.wait_until_finished()
-        except OSError as e:
+        except Exception as e:
+            self._failed_step = int(step)
+            os_error = _as_os_error(e)
+            if os_error is None:
+                raise
             raise OSError(
-                f"Saving the checkpoint for step {step} in {self.directory!r} failed: {e}. "
-                "Free disk space or choose another --workdir; earlier checkpoints are intact."
+                os_error.errno,
+                f"Saving the checkpoint for step {step} in {self.directory!r} failed: "
+                f"{os_error.strerror or e}. Free disk space or choose another --workdir; "
+                "earlier checkpoints are intact.",
             ) from e
         logging.info("Saved checkpoint for step %d in %s.", step, self.directory)
 

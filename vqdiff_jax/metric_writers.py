@@ -30,7 +30,8 @@ class MetricWriter:
         if not self._active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = open(self._jsonl_path, "a")
         if tensorboard:
             import tensorflow as tf  # Imported lazily: TensorFlow start-up is slow.
 
@@ -40,8 +41,15 @@ class MetricWriter:
         if not self._active:
             return
         values = {name: _to_float(value) for name, value in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+            self._jsonl.flush()
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"Writing the metrics of step {step} to {self._jsonl_path!r} failed: "
+                f"{e.strerror or e}. Free disk space or choose another --workdir.",
+            ) from e
         if self._tb is not None:
             import tensorflow as tf
 
@@ -109,7 +117,10 @@ def format_seconds(seconds: float) -> str:
 
 
 def check_finite(step: int, metrics: Mapping[str, float], names: tuple[str, ...]) -> None:
-    """Raise FloatingPointError naming the step and every loss term that is NaN or Inf."""
+    """Raise FloatingPointError naming the step and every metric of `names` that is NaN or Inf.
+
+    Names missing from `metrics` are skipped.
+    """
     bad = {}
     for name in names:
         if name in metrics:
@@ -119,8 +130,9 @@ def check_finite(step: int, metrics: Mapping[str, float], names: tuple[str, ...]
     if bad:
         terms = ", ".join(f"{k}={v}" for k, v in bad.items())
         raise FloatingPointError(
-            f"Non-finite loss at step {step}: {terms}. Training stopped; the last good "
-            "checkpoint is kept. Lower the learning rate or check the input data."
+            f"Non-finite training metric at step {step}: {terms}. Training stopped before "
+            "saving this step; the last checkpoint is kept. Lower the learning rate or check "
+            "the input data."
         )
 
 

@@ -115,7 +115,7 @@ def init_vq_state(
 # stay in cache between the matmul that writes them and the reductions that read them.
 # On 2 AMD EPYC cores with jax 0.10.2, N = 16384, D = 64, K = 8192 ran in TODO ms in
 # blocks against TODO ms for the whole [N, K] matrix (benchmarks/bench_quantizer.py).
-_CPU_BLOCK_ELEMENTS = 2**18
+_CPU_BLOCK_ELEMENTS = 2**19
 
 
 def _first_argmin(distances: jax.Array) -> jax.Array:

@@ -23,8 +23,13 @@ class LoopConfig:
     log_every: int
     checkpoint_every: int
     eval_every: int | None = None
-    # Metric names checked for NaN/Inf after every step.
+    # Loss terms checked for NaN/Inf after every step, besides STATE_NORM_NAMES.
     loss_names: tuple[str, ...] = ("train/loss",)
+
+
+# Checked after every step when the step reports them: a NaN or Inf gradient can
+# leave the loss of its own step finite but the updated parameters not.
+STATE_NORM_NAMES = ("train/grad_norm", "train/param_norm")
 
 
 def restore_or_init(checkpointer: Checkpointer, init_state: Callable[[], Any], state_sharding):
@@ -61,8 +66,9 @@ def train_loop(
     """Run `train_step` from `state.step` to `loop.num_steps`; return the final state.
 
     Metrics of step s are read back while step s+1 runs, so the host never
-    stalls the device; a NaN or Inf loss raises FloatingPointError naming the
-    step before the next checkpoint is written.
+    stalls the device. A NaN or Inf loss term, gradient norm or parameter norm
+    raises FloatingPointError naming the step and the metric, before the state
+    of that step or any later one is saved.
     """
     step = int(jax.device_get(state.step))
     progress = metric_writers.Progress(loop.num_steps, name=loop.name, start_step=step)
@@ -71,7 +77,7 @@ def train_loop(
     def flush(pending):
         done_step, metrics = pending
         metrics = jax.device_get(metrics)
-        metric_writers.check_finite(done_step, metrics, loop.loss_names)
+        metric_writers.check_finite(done_step, metrics, loop.loss_names + STATE_NORM_NAMES)
         if metric_writers.every(done_step, loop.log_every, total=loop.num_steps):
             steps_per_sec = progress.update(done_step, {k: metrics[k] for k in loop.loss_names})
             writer.write_scalars(done_step, {**metrics, "train/steps_per_sec": steps_per_sec})

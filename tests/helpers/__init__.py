@@ -1,0 +1,1 @@
+"""Helpers for the resume, crash-safety, multi-host and guard tests."""
