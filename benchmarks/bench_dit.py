@@ -17,21 +17,18 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common  # Sets OMP_WAIT_POLICY before torch is imported.
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch_reference
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import torch_reference  # noqa: E402
-from experiments.configs import dit_mnist  # noqa: E402
-from vqdiff_jax import latent_diffusion  # noqa: E402
-from vqdiff_jax.train_state import make_optimizer  # noqa: E402
+from experiments.configs import dit_mnist
+from vqdiff_jax import latent_diffusion
+from vqdiff_jax.train_state import make_optimizer
 
 
 def _cases():
@@ -87,8 +84,8 @@ def build_torch(config, latent_shape, num_classes):
 
         sizes = DIT_CONFIGS[m.preset]
     else:
-        sizes = dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
-                     num_heads=m.num_heads)
+        sizes = {"patch_size": m.patch_size, "hidden_size": m.hidden_size,
+                 "depth": m.depth, "num_heads": m.num_heads}
     model = torch_reference.DiT(input_size=latent_shape, num_classes=num_classes,
                                 mlp_ratio=m.mlp_ratio, **sizes)
     trainer = torch_reference.DiTTrainer(

@@ -17,19 +17,16 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common  # Sets OMP_WAIT_POLICY before torch is imported.
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch_reference
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import torch_reference  # noqa: E402
-from vqdiff_jax import quantizer  # noqa: E402
+from vqdiff_jax import quantizer
 
 NUM_VECTORS = 16384
 DIM = 64

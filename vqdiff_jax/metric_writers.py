@@ -60,7 +60,11 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            try:
+                self._jsonl.close()
+            except OSError as e:
+                # Only lines whose write_scalars call already raised can be left unwritten.
+                logging.warning("Closing %s failed: %s", self._jsonl_path, e)
         if self._tb is not None:
             self._tb.close()
 

@@ -13,7 +13,7 @@ import jax
 from absl import logging
 
 from vqdiff_jax import metric_writers
-from vqdiff_jax.checkpointing import Checkpointer
+from vqdiff_jax.checkpointing import Checkpointer, IncompatibleCheckpointError
 
 
 @dataclasses.dataclass
@@ -32,11 +32,14 @@ class LoopConfig:
 STATE_NORM_NAMES = ("train/grad_norm", "train/param_norm")
 
 
-def restore_or_init(checkpointer: Checkpointer, init_state: Callable[[], Any], state_sharding):
+def restore_or_init(checkpointer: Checkpointer, init_state: Callable[[], Any], state_sharding,
+                    *, batch_size: int | None = None):
     """Resume from the latest checkpoint in the run's directory, or initialise.
 
     Returns (state, meta), meta being {} for a fresh state. The abstract state
     comes from `jax.eval_shape(init_state)`, so restoring never runs the init.
+    With `batch_size`, a checkpoint whose `data_position` is not its step times
+    `batch_size` raises IncompatibleCheckpointError (see `check_data_position`).
     """
     step = checkpointer.latest_step()
     if step is None:
@@ -48,8 +51,36 @@ def restore_or_init(checkpointer: Checkpointer, init_state: Callable[[], Any], s
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
     )
     state, meta = checkpointer.restore(abstract, step)
+    restored_step = int(jax.device_get(state.step))
+    if restored_step != step:
+        raise ValueError(
+            f"The checkpoint labelled step {step} in {checkpointer.directory!r} contains "
+            f"state.step={restored_step}. Its directory was renamed or written by other code; "
+            "remove it to resume from the previous checkpoint."
+        )
+    if batch_size is not None:
+        check_data_position(meta, step, batch_size)
     logging.info("Resumed from the checkpoint at step %d in %s.", step, checkpointer.directory)
     return state, meta
+
+
+def check_data_position(meta: dict, step: int, batch_size: int) -> None:
+    """Raise IncompatibleCheckpointError unless the checkpoint resumes the data at step * batch_size.
+
+    Trainers save `data_position`, the number of examples consumed, with every
+    checkpoint. The data stream restarts at example `step * batch_size`, so a
+    batch size changed since the save would silently skip or repeat examples.
+    Metadata without `data_position` passes.
+    """
+    position = meta.get("data_position")
+    if position is None or position == step * batch_size:
+        return
+    raise IncompatibleCheckpointError(
+        f"The checkpoint at step {step} was saved after {position} training examples, but "
+        f"resuming with batch_size={batch_size} would continue at example "
+        f"{step * batch_size}. Use the batch size that wrote the checkpoint "
+        f"({position // step if step else '?'}), or a new --workdir."
+    )
 
 
 def train_loop(

@@ -1,11 +1,12 @@
 """Trainer runs in subprocesses, shared by the resume, crash-safety and multi-host tests.
 
-Every run is a real command line (`python -m experiments.train_tokenizer ...`,
-or the same through `run_trainer.py` when a test needs to look inside), with
-LOCAL_DEVICE_COUNT simulated CPU devices and a persistent XLA compilation cache
-shared by the whole test session, so each configuration compiles once however
-many runs use it. Runs that several tests compare against are built once per
-session, also across pytest-xdist workers, under a file lock (`build_once`).
+Every run is a real command line: `python -m experiments.train_tokenizer ...`,
+or the same through `run_trainer.py` when a test compares the processes' final
+states. Each run gets LOCAL_DEVICE_COUNT simulated CPU devices and a persistent
+XLA compilation cache shared by the whole test session, so each configuration
+compiles once however many runs use it. Runs that several tests compare against
+are built once per session, also across pytest-xdist workers, under a file lock
+(`build_once`).
 
 The reference runs train the tiny configs for NUM_STEPS steps and save a
 checkpoint after every step.
@@ -35,7 +36,9 @@ DIT = "experiments.train_dit"
 
 LOCAL_DEVICE_COUNT = 4
 NUM_STEPS = 8
-TIMEOUT_S = 600  # Per subprocess. A tiny run takes about 40 s of CPU time without the cache.
+# Per subprocess. A tiny tokenizer run took about 40 s of CPU time without the
+# compilation cache on a 2-core CPU machine.
+TIMEOUT_S = 600
 
 TOKENIZER_CONFIG = tokenizer_mnist.get_config("tiny")
 DIT_CONFIG = dit_mnist.get_config("tiny")
@@ -130,7 +133,7 @@ def dit_flags(workdir, tokenizer_workdir, *overrides: str) -> list[str]:
 
 
 def command(module: str, flags: list[str], wrapper_options: tuple[str, ...] = ()) -> list[str]:
-    """Return the command line of `module`, through run_trainer.py if options are given."""
+    """Return the command line of `module`, through run_trainer.py with `wrapper_options`."""
     if wrapper_options:
         return [sys.executable, str(RUN_TRAINER), module, *wrapper_options, "--", *flags]
     return [sys.executable, "-m", module, *flags]
