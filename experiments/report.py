@@ -5,21 +5,20 @@ import os
 import platform
 
 import jax
-import matplotlib
+import numpy as np
+from absl import logging
+# Figure without pyplot draws to files and leaves the notebook backend untouched.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # Files only; no display is needed.
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-
-from experiments import common  # noqa: E402
-from vqdiff_jax import metric_writers  # noqa: E402
+from experiments import common
+from vqdiff_jax import metric_writers
 
 
 def plot_codebook_usage(code_counts, path: str) -> dict:
     """Bar chart of held-out code counts, most used first; return usage numbers."""
     counts = np.sort(np.asarray(code_counts))[::-1]
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     ax.bar(np.arange(len(counts)), counts, width=1.0)
     ax.set_xlabel("code (sorted by count)")
     ax.set_ylabel("count on held-out images")
@@ -27,7 +26,6 @@ def plot_codebook_usage(code_counts, path: str) -> dict:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return {"png": path, "codes_used": int(np.sum(counts > 0)), "num_codes": int(len(counts))}
 
 
@@ -35,7 +33,8 @@ def plot_loss_curves(workdir: str, path: str) -> str:
     """Plot the training losses of the tokenizer, classifier and DiT stages."""
     curves = [("tokenizer", "train/recon_loss"), ("classifier", "train/loss"),
               ("dit", "train/mse")]
-    fig, axes = plt.subplots(1, len(curves), figsize=(12, 3))
+    fig = Figure(figsize=(12, 3))
+    axes = fig.subplots(1, len(curves))
     for ax, (stage, key) in zip(axes, curves):
         rows = [r for r in metric_writers.read_metrics(os.path.join(workdir, stage)) if key in r]
         if rows:
@@ -45,7 +44,6 @@ def plot_loss_curves(workdir: str, path: str) -> str:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -82,8 +82,7 @@ def decode_samples(tok_model, tok_state, latents, stats):
 
 
 def generate(model, ema_params, schedule, stats, tok_model, tok_state, labels, sample_config,
-             *, prediction_type: str, latent_shape, key, num_timesteps: int,
-             return_trajectory: bool = False):
+             *, prediction_type: str, latent_shape, key, num_timesteps: int):
     """Generate images [N, H, W, C] in [-1, 1] for labels [N] with the configured sampler."""
     latent_diffusion.check_sampling_args(
         guidance_scale=sample_config.guidance_scale, num_steps=sample_config.num_steps,

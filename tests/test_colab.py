@@ -19,7 +19,9 @@ nbformat = pytest.importorskip("nbformat")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO_ROOT, "colabs", "vqdiff_jax_tour.ipynb")
-CELL_TIMEOUT_S = 300  # The tokenizer cell compiles two jitted steps; about 1 min on 2 cores.
+# Per cell. The slowest cell trains the tiny tokenizer, which took 1 to 1.5 minutes on a
+# 2-core CPU shared with other jobs, mostly compiling.
+CELL_TIMEOUT_S = 300
 TINY_STEPS = 4  # num_train_steps of the 'tiny' tokenizer and DiT configs.
 NUM_PLOT_CELLS = 7
 KERNEL_PYTHON_MARKER = "kernel python: "
