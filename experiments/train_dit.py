@@ -10,6 +10,7 @@ normalisation statistics; resumed automatically), `metrics.jsonl`,
 """
 
 import functools
+import hashlib
 import json
 import os
 
@@ -32,15 +33,15 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
 
     Returns (latents [N, h, w, D] float32, labels [N] int32).
     """
-    source = os.path.abspath(tok_config.get("workdir_path") or "")
+    source = tokenizer_digest(tok_state)
     if os.path.exists(path):
         with np.load(path) as cached:
             cached_source = str(cached["tokenizer_workdir"]) if "tokenizer_workdir" in cached else ""
             if cached_source != source:
                 raise ValueError(
-                    f"The cached latents {path!r} were encoded by the tokenizer in "
-                    f"{cached_source!r}, not {source!r}. Delete the file to encode again, or "
-                    "point config.tokenizer_workdir at the original tokenizer.")
+                    f"The cached latents {path!r} were encoded by another tokenizer (codebook "
+                    f"digest {cached_source!r}, this one has {source!r}). Delete the file to "
+                    "encode again, or point config.tokenizer_workdir at the original tokenizer.")
             return cached["latents"], cached["labels"]
     images, labels = pipeline.load_split_as_arrays(
         tok_config.data.dataset, tok_config.data.train_split, tok_config.data.data_dir,
@@ -63,11 +64,17 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
     return latents, labels
 
 
-def fingerprint(config, latent_shape, num_classes) -> dict:
+def tokenizer_digest(tok_state) -> str:
+    """A short hash of the tokenizer's codebook: it identifies the latent space, wherever
+    the tokenizer's work directory is moved."""
+    codebook = np.asarray(jax.device_get(tokenizer.current_codebook(tok_state)), np.float32)
+    return hashlib.sha256(codebook.tobytes()).hexdigest()[:16]
+
+
+def fingerprint(config, latent_shape, num_classes, tok_digest: str) -> dict:
     """Config fields that fix the saved state, and the tokenizer whose latents it models."""
     return {"latent_shape": list(latent_shape), "num_classes": int(num_classes),
-            "model": config.model.to_dict(),
-            "tokenizer_workdir": os.path.abspath(os.path.expanduser(config.tokenizer_workdir))}
+            "model": config.model.to_dict(), "tokenizer_codebook_digest": tok_digest}
 
 
 def decode_samples(tok_model, tok_state, latents, stats):
@@ -142,7 +149,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init_fn))
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        fingerprint=fingerprint(config, latent_shape, num_classes),
+        fingerprint=fingerprint(config, latent_shape, num_classes, tokenizer_digest(tok_state)),
         max_to_keep=config.max_checkpoints)
     state, meta = trainer.restore_or_init(checkpointer, init_fn, state_sharding,
                                           batch_size=config.batch_size)
@@ -177,7 +184,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  num_columns=per_class, scale=2)
         return {}
 
-    writer = metric_writers.MetricWriter(workdir)
+    writer = metric_writers.MetricWriter(workdir, start_step=start_step)
     loop = trainer.LoopConfig(
         name="dit", num_steps=config.num_train_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,

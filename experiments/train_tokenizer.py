@@ -99,7 +99,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info("[tokenizer] eval at step %d: %s", step, scalars)
         return {f"eval/{k}": v for k, v in scalars.items()}
 
-    writer = metric_writers.MetricWriter(workdir)
+    writer = metric_writers.MetricWriter(workdir, start_step=start_step)
     loop = trainer.LoopConfig(
         name="tokenizer", num_steps=config.num_train_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
@@ -140,7 +140,6 @@ def load_tokenizer(workdir: str):
             f"--workdir={workdir}")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    config.workdir_path = workdir  # Where this tokenizer was loaded from, for provenance checks.
     info = pipeline.dataset_info(config.data.dataset, config.data.data_dir)
     image_shape = common.image_shape(config.data, info)
     model, _, init_fn = build(config, image_shape)

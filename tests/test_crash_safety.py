@@ -7,6 +7,7 @@ the unchanged command must resume from it. The run that finally completes must
 end bitwise equal to the uninterrupted reference run (helpers.runs).
 """
 
+import json
 import random
 import signal
 import time
@@ -14,9 +15,7 @@ import time
 import pytest
 
 from helpers import runs, trees
-from vqdiff_jax import checkpointing
-
-pytestmark = pytest.mark.slow
+from vqdiff_jax import checkpointing, metric_writers
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -54,6 +53,7 @@ def _check_latest_loadable(workdir):
     return latest
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_resumes(tmp_path, tmp_path_factory):
     reference = runs.tokenizer_reference(tmp_path_factory)
     workdir = tmp_path / "run"
@@ -72,7 +72,8 @@ def test_kill_and_rerun_resumes(tmp_path, tmp_path_factory):
     # The save seen in progress may have finished before the signal arrived.
     assert latest in (saving - 1, saving)
 
-    # Kill 2: the same command resumes; kill it at a random moment after its next checkpoint.
+    # Kill 2: the same command resumes, and is killed at a random moment after its next
+    # checkpoint.
     log_path = tmp_path / "run2.log"
     proc = runs.start(cmd, env, log_path)
     runs.wait_until(lambda: runs.checkpoint_steps(workdir)[-1] > latest, proc, log_path)
@@ -90,3 +91,29 @@ def test_kill_and_rerun_resumes(tmp_path, tmp_path_factory):
     final = runs.load_state(workdir, runs.NUM_STEPS)
     expected = runs.load_state(reference, runs.NUM_STEPS)
     assert trees.bitwise_differences(final, expected) == []
+    # Steps logged before a kill but after the last checkpoint are not logged twice.
+    assert runs.train_metric_steps(workdir) == list(range(1, runs.NUM_STEPS + 1))
+    assert _train_losses(workdir) == _train_losses(reference)
+
+
+def _train_losses(workdir):
+    rows = metric_writers.read_metrics(str(workdir))
+    return [{name: value for name, value in row.items() if name != "train/steps_per_sec"}
+            for row in rows if "train/loss" in row]
+
+
+def test_metric_writer_drops_later_steps(tmp_path):
+    # Steps 1-5 were logged, then the run was killed while writing step 6.
+    lines = [json.dumps({"step": step, "train/loss": float(step)}) for step in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "train/lo')
+
+    writer = metric_writers.MetricWriter(str(tmp_path), tensorboard=False, start_step=3)
+    writer.write_scalars(4, {"train/loss": 40.0})
+    writer.close()
+    appending = metric_writers.MetricWriter(str(tmp_path), tensorboard=False)
+    appending.write_scalars(5, {"train/loss": 50.0})
+    appending.close()
+
+    rows = metric_writers.read_metrics(str(tmp_path))
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["train/loss"] for row in rows] == [1.0, 2.0, 3.0, 40.0, 50.0]

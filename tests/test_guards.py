@@ -2,6 +2,7 @@
 checkpoints, unwritable work directories and full disks."""
 
 import errno
+import itertools
 import math
 import os
 
@@ -34,7 +35,7 @@ def _toy_state():
 
 
 def _toy_step(bad_step, bad_name, bad_value):
-    """A train step that adds 1 to w and reports `bad_value` for `bad_name` at `bad_step`."""
+    """Return a train step that adds 1 to w and reports `bad_value` for `bad_name` at `bad_step`."""
 
     def train_step(state, batch):
         del batch
@@ -55,7 +56,7 @@ def _run_toy_loop(tmp_path, train_step, num_steps=6):
     loop = trainer.LoopConfig(name="toy", num_steps=num_steps, log_every=1, checkpoint_every=2,
                               loss_names=("train/loss", "train/recon_loss"))
     try:
-        return trainer.train_loop(loop, _toy_state(), train_step, iter(lambda: {}, None),
+        return trainer.train_loop(loop, _toy_state(), train_step, itertools.repeat({}),
                                   checkpointer=checkpointer, writer=writer)
     finally:
         writer.close()
@@ -192,14 +193,15 @@ def test_tokenizer_rejects_changed_model(tmp_path, tmp_path_factory):
 def test_dit_rejects_changed_model(tmp_path):
     config = dit_mnist.get_config("tiny")
     config.tokenizer_workdir = str(tmp_path / "tokenizer")
-    latent_shape, num_classes = (7, 7, 4), 10
+    latent_shape, num_classes, digest = (7, 7, 4), 10, "0123456789abcdef"
     checkpoint_dir = tmp_path / "checkpoints"
     _save_stand_in_checkpoint(checkpoint_dir,
-                              train_dit.fingerprint(config, latent_shape, num_classes))
+                              train_dit.fingerprint(config, latent_shape, num_classes, digest))
     changed = ml_collections.ConfigDict(config.to_dict())
     changed.model.hidden_size = 64
     checkpointer = checkpointing.Checkpointer(
-        str(checkpoint_dir), fingerprint=train_dit.fingerprint(changed, latent_shape, num_classes))
+        str(checkpoint_dir),
+        fingerprint=train_dit.fingerprint(changed, latent_shape, num_classes, digest))
 
     with pytest.raises(checkpointing.IncompatibleCheckpointError,
                        match=r"model\.hidden_size: checkpoint has 32, config has 64"):

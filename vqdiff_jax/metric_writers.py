@@ -21,9 +21,18 @@ def _to_float(value) -> float:
 
 
 class MetricWriter:
-    """Write scalar metrics to `metrics.jsonl` and TensorBoard under `workdir`."""
+    """Write scalar metrics to `metrics.jsonl` and TensorBoard under `workdir`.
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    A resumed run passes `start_step`, the step of its checkpoint. Lines of later
+    steps, written by a run that stopped before its next checkpoint, are removed
+    first because the resumed run writes those steps again. A line cut short by a
+    crash is removed too.
+
+    NOTE: TensorBoard event files are not rewritten, so TensorBoard can show two
+    values for the steps between a crash and the checkpoint before it.
+    """
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, start_step: int | None = None):
         self._active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
@@ -31,6 +40,8 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        if start_step is not None and os.path.exists(self._jsonl_path):
+            _drop_lines_after(self._jsonl_path, start_step)
         self._jsonl = open(self._jsonl_path, "a")
         if tensorboard:
             import tensorflow as tf  # Imported lazily: TensorFlow start-up is slow.
@@ -67,6 +78,29 @@ class MetricWriter:
                 logging.warning("Closing %s failed: %s", self._jsonl_path, e)
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+    """Rewrite the JSON lines file `path` without lines of steps after `step` or invalid lines."""
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        logging.info("Removed %d line(s) after step %d from %s before resuming.", dropped, step,
+                     path)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

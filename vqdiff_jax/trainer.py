@@ -55,8 +55,8 @@ def restore_or_init(checkpointer: Checkpointer, init_state: Callable[[], Any], s
     if restored_step != step:
         raise ValueError(
             f"The checkpoint labelled step {step} in {checkpointer.directory!r} contains "
-            f"state.step={restored_step}. Its directory was renamed or written by other code; "
-            "remove it to resume from the previous checkpoint."
+            f"state.step={restored_step}, so its directory was renamed or written by other "
+            "code. Remove it to resume from the previous checkpoint."
         )
     if batch_size is not None:
         check_data_position(meta, step, batch_size)
