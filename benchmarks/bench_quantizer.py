@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", action="store_true",
                         help="also time the search as it was before the CPU changes")
-    parser.add_argument("--rounds", type=int, default=3, help="timed calls per implementation")
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per implementation")
     args = parser.parse_args()
     names = IMPLEMENTATIONS + ((BEFORE,) if args.before else ())
 
@@ -142,11 +142,14 @@ def main() -> None:
                 step()
             else:
                 build(name, num_codes, num_vectors=256)[1]()
-        step_times = common.time_interleaved(
-            {name: step for name, (_, step, _) in built.items()}, rounds=args.rounds, warmup=0)
-        search_times = common.time_interleaved(
-            {name: search for name, (search, _, _) in built.items() if search is not None},
-            rounds=args.rounds, warmup=0)
+        calls = {}
+        for name, (search, step, _) in built.items():
+            calls[("step", name)] = step
+            if search is not None:
+                calls[("search", name)] = search
+        times = common.time_interleaved(calls, rounds=args.rounds, warmup=0)
+        step_times = {name: t for (kind, name), t in times.items() if kind == "step"}
+        search_times = {name: t for (kind, name), t in times.items() if kind == "search"}
         jax_time = step_times["vqdiff_jax"]
         for name, (_, _, compiled) in built.items():
             peak = common.peak_memory_in_subprocess(__file__, [name, str(num_codes)])

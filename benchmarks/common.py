@@ -84,11 +84,11 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 
 def time_interleaved(
-    functions: dict[str, Callable[[], object]],
+    functions: dict[object, Callable[[], object]],
     *,
     rounds: int,
     warmup: int = 1,
-) -> dict[str, float]:
+) -> dict[object, float]:
     """Time each zero-argument function `rounds` times, alternating between them.
 
     Each function must block until its result is ready (call

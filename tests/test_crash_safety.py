@@ -13,8 +13,8 @@ import signal
 import time
 
 import pytest
-
 from helpers import runs, trees
+
 from vqdiff_jax import checkpointing, metric_writers
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"

@@ -12,11 +12,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import runs
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from experiments import common, train_dit, train_tokenizer
 from experiments.configs import dit_mnist, tokenizer_mnist
-from helpers import runs
 from vqdiff_jax import checkpointing, metric_writers, parallel, trainer
 from vqdiff_jax.train_state import TrainState
 

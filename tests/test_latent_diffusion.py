@@ -21,6 +21,9 @@ NUM_CLASSES = 10
 def _config():
     config = dit_mnist.get_config("tiny")
     config.diffusion.num_timesteps = 100
+    # The numpy references below assume a linear schedule and eps-prediction.
+    config.diffusion.beta_schedule = "linear"
+    config.diffusion.prediction_type = "eps"
     return config
 
 

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import runs, trees
 
 from experiments.configs import dit_mnist
-from helpers import runs, trees
 from vqdiff_jax import diffusion, latent_diffusion, parallel
 from vqdiff_jax.data import sharding
 from vqdiff_jax.train_state import make_optimizer
@@ -212,7 +212,6 @@ def _wait_all(procs, log_paths, timeout=runs.TIMEOUT_S):
 
 @pytest.mark.slow
 def test_two_processes_match_single(tmp_path, tmp_path_factory):
-    reference = runs.tokenizer_reference(tmp_path_factory)  # 1 process, 4 devices.
     data_dir = runs.data_dir(tmp_path_factory)
     workdir = tmp_path / "run"
     state_path = tmp_path / "final_state"
@@ -240,14 +239,16 @@ def test_two_processes_match_single(tmp_path, tmp_path_factory):
         state_1 = dict(f)
     assert trees.bitwise_differences(state_0, state_1) == []
 
-    # Both processes took part in every save; the result is the state in memory.
+    # Orbax saves wait for every process at barriers. The saved state is the one in memory.
     assert runs.checkpoint_steps(workdir) == [4, runs.NUM_STEPS]
     saved = runs.load_state(workdir, runs.NUM_STEPS)
     assert trees.bitwise_differences(saved, state_0) == []
     # Only process 0 writes metrics, so every step has one line.
     assert runs.train_metric_steps(workdir) == list(range(1, runs.NUM_STEPS + 1))
 
-    # Same global batches as one process: equal up to the order of float sums.
+    # Same global batches as one process with 4 devices: equal up to the order of float sums.
+    # The reference is built here, not first, so that it can overlap with the run above.
+    reference = runs.tokenizer_reference(tmp_path_factory)
     expected = runs.load_state(reference, runs.NUM_STEPS)
     assert saved.keys() == expected.keys()
     for name in expected:

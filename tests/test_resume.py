@@ -11,10 +11,10 @@ processes. The restarts that train run as subprocesses.
 
 import numpy as np
 import pytest
+from helpers import runs, trees
 
 from experiments import train_dit, train_tokenizer
 from experiments.configs import dit_mnist, tokenizer_mnist
-from helpers import runs, trees
 from vqdiff_jax import latent_diffusion, trainer
 from vqdiff_jax.data import pipeline
 

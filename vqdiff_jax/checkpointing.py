@@ -162,7 +162,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory!r}.")
-        meta = self.check_compatible(step)
+        self.check_compatible(step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(

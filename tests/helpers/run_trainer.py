@@ -17,10 +17,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import trees  # noqa: E402  (a sibling module; this file runs as a script)
+from vqdiff_jax import trainer
 
-from vqdiff_jax import trainer  # noqa: E402
+# This file runs as a script, so its sibling module is imported by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trees
 
 
 def save_final_state(path: str) -> None:

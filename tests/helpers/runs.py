@@ -143,7 +143,8 @@ def run(cmd: list[str], env: dict, log_path: pathlib.Path, timeout: float = TIME
     """Run `cmd` to the end and return its output; raise AssertionError if it fails."""
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+            check=False)
     output = log_path.read_text()
     if proc.returncode != 0:
         raise AssertionError(
