@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from experiments import common, sample_dit, train_classifier, train_dit, train_tokenizer
 from experiments import report as report_lib
-from vqdiff_jax import evaluation
+from vqdiff_jax import evaluation, parallel
 from vqdiff_jax.data import pipeline as data_pipeline
 
 
@@ -128,6 +128,9 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     del argv
     common.configure_logging()
+    # jax.distributed must start before anything initialises the XLA backend; every stage
+    # shares the tokenizer stage's distributed settings.
+    parallel.maybe_initialize_distributed(flags.FLAGS.config.tokenizer)
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 

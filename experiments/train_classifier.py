@@ -110,7 +110,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         os.path.join(workdir, "checkpoints"),
         fingerprint=classifier_lib.fingerprint(config.model, image_shape, info.num_classes),
         max_to_keep=config.max_checkpoints)
-    state, _ = trainer.restore_or_init(checkpointer, init_fn, state_sharding)
+    state, _ = trainer.restore_or_init(checkpointer, init_fn, state_sharding,
+                                       batch_size=config.batch_size)
     start_step = int(jax.device_get(state.step))
 
     # The jitted step: batch sharded over `data`, state replicated and donated.
@@ -132,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      step, metrics["accuracy"], metrics["loss"])
         return {"eval/accuracy": metrics["accuracy"], "eval/loss": metrics["loss"]}
 
-    writer = metric_writers.MetricWriter(workdir)
+    writer = metric_writers.MetricWriter(workdir, start_step=start_step)
     loop = trainer.LoopConfig(
         name="classifier", num_steps=config.num_train_steps, log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, eval_every=config.eval_every,
@@ -156,6 +157,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def main(argv):
     del argv
+    common.configure_logging()
+    # jax.distributed must start before anything initialises the XLA backend.
+    parallel.maybe_initialize_distributed(flags.FLAGS.config)
     jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

@@ -130,6 +130,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config.encode_batch_size)
     num_classes = pipeline.dataset_info(
         tok_config.data.dataset, tok_config.data.data_dir).num_classes
+    if not np.all(np.isfinite(latents)):
+        raise ValueError(f"The tokenizer in {config.tokenizer_workdir!r} produced NaN or Inf "
+                         "latents; check its checkpoint or retrain it.")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
             f"Training labels must lie in [0, {num_classes - 1}] for a dataset with "
