@@ -111,11 +111,11 @@ def init_vq_state(
     )
 
 
-# The CPU search works on blocks of about this many float32 distances (1 MiB), which
+# The CPU search works on blocks of about this many float32 distances (4 MiB), which
 # stay in cache between the matmul that writes them and the reductions that read them.
-# On 2 AMD EPYC cores with jax 0.10.2, N = 16384, D = 64, K = 8192 ran in TODO ms in
-# blocks against TODO ms for the whole [N, K] matrix (benchmarks/bench_quantizer.py).
-_CPU_BLOCK_ELEMENTS = 2**19
+# Blocks of 2**19 to 2**20 distances were fastest for K = 512 and K = 8192 on 2 AMD EPYC
+# (Zen 4) cores with jax 0.10.2; benchmarks/README.md has the measurements.
+_CPU_BLOCK_ELEMENTS = 2**20
 
 
 def _first_argmin(distances: jax.Array) -> jax.Array:
@@ -133,6 +133,7 @@ def _first_argmin(distances: jax.Array) -> jax.Array:
 
 
 def _argmin_for_platform(distances: jax.Array) -> jax.Array:
+    # GPU and TPU compile argmin to one fused reduction, so only CPU takes two passes.
     return lax.platform_dependent(
         distances,
         cpu=_first_argmin,
@@ -150,7 +151,8 @@ def _nearest_rows(
     """
     # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The ||z||^2 term is the same for every
     # code, so it is left out: the argmin does not change and one rounding is saved.
-    # Scaling by -2 is exact in floating point, so z.(-2e) equals -2 (z.e) bit for bit.
+    # Scaling by -2 is exact in floating point (barring overflow and underflow), so
+    # z.(-2e) equals -2 (z.e) bit for bit.
     # The DEFAULT precision rounds float32 inputs to bfloat16 on TPU and to TF32 on
     # A100/H100 GPUs (docstring of `jax.lax.Precision`). HIGHEST keeps float32.
     dots = jnp.einsum("nd,kd->nk", z, minus_two_codebook, precision=precision)  # [N, K]
@@ -175,7 +177,7 @@ def _auto_chunk_size(num_rows: int, num_codes: int) -> int | None:
 
 
 def _search(z: jax.Array, codebook: jax.Array, chunk_size: int | None, precision) -> jax.Array:
-    """Nearest codes `[N]` of the rows of `z` `[N, D]`, `chunk_size` rows at a time."""
+    """Find the nearest code `[N]` of each row of `z` `[N, D]`, `chunk_size` rows at a time."""
     z = z.astype(jnp.float32)
     codebook = codebook.astype(jnp.float32)
     codebook_sq = jnp.sum(codebook * codebook, axis=-1)  # [K]
