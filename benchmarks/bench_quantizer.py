@@ -45,7 +45,7 @@ def _inputs(num_codes: int, num_vectors: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _argmin_search(z, codebook):
-    """The search before the CPU changes: distances for all rows, then `jnp.argmin`."""
+    """Search as vqdiff_jax did before the CPU changes: all distances, then `jnp.argmin`."""
     dots = jnp.einsum("nd,kd->nk", z, codebook, precision="highest")
     distances = jnp.sum(codebook * codebook, axis=-1) - 2.0 * dots
     return jnp.argmin(distances, axis=-1).astype(jnp.int32)

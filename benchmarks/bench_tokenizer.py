@@ -51,9 +51,8 @@ def build_jax(config, image_shape):
     """Return (step function that blocks, compile seconds)."""
     model = make_vqvae(config.model, image_shape[-1])
     tx = make_optimizer(config.optimizer, config.num_train_steps)
-    # Built under jit, as vqdiff_jax.trainer does, so that no two leaves share a buffer:
-    # the eager init_state returns embed_sum and codebook as one array, which cannot
-    # be donated twice.
+    # Built under jit, as vqdiff_jax.trainer does: every leaf of the state then has its
+    # own buffer, which donation requires.
     state = jax.jit(
         lambda: tokenizer.init_state(model, config.vq, tx, jax.random.key(0), image_shape))()
     batch = {"image": jax.numpy.asarray(_images(config.batch_size, image_shape))}

@@ -159,7 +159,7 @@ class TokenizerTrainer:
             codes = nearest_codes_cdist(flat, self.codebook)
         z_q = self.codebook[codes]  # [N, D]
         commitment = F.mse_loss(flat, z_q)
-        # Straight-through: the decoder sees z_q, the gradient goes to z_e.
+        # Straight-through: the decoder gets z_q in the forward pass, z_e the gradient.
         z_st = flat + (z_q - flat).detach()
         z_st = z_st.reshape(z_e.shape[0], z_e.shape[2], z_e.shape[3], -1).permute(0, 3, 1, 2)
         recon = self.model.decoder(z_st.contiguous(memory_format=self.memory_format))
