@@ -5,9 +5,11 @@ import logging as logging_std
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
 from vqdiff_jax import checkpointing, parallel
 from vqdiff_jax.data import pipeline, sharding
@@ -107,3 +109,28 @@ def write_json(path: str, payload: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
+
+
+def define_trainer_flags(*, config_help: str, workdir_help: str) -> None:
+    """Define the required --config and --workdir flags of a trainer module.
+
+    Called only when a module runs as a script, so that a pipeline can import
+    several trainer modules without absl rejecting duplicate flag names.
+    """
+    config_flags.DEFINE_config_file("config", None, config_help)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def trainer_main(train_and_evaluate):
+    """Return an absl `main` that runs `train_and_evaluate(config, workdir)` from the flags."""
+
+    def main(argv):
+        del argv
+        configure_logging()
+        # jax.distributed must start before anything initialises the XLA backend.
+        parallel.maybe_initialize_distributed(flags.FLAGS.config)
+        jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    return main

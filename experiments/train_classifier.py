@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.special
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from experiments import common
 from vqdiff_jax import checkpointing, evaluation, metric_writers, parallel, trainer
@@ -155,24 +154,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return metrics
 
 
-def main(argv):
-    del argv
-    common.configure_logging()
-    # jax.distributed must start before anything initialises the XLA backend.
-    parallel.maybe_initialize_distributed(flags.FLAGS.config)
-    jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+main = common.trainer_main(train_and_evaluate)
 
 
 def define_flags() -> None:
     """Define the command-line flags; called only when the module runs as a script."""
-    # Not defined at import, so that a pipeline can import several experiment
-    # modules without absl rejecting duplicate flag names.
-    config_flags.DEFINE_config_file("config", None, "Classifier config file.")
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval_metrics.json.")
+    common.define_trainer_flags(
+        config_help="Classifier config file.",
+        workdir_help="Directory for checkpoints, metrics and eval_metrics.json.")
 
 
 if __name__ == "__main__":
     define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from experiments import common, train_tokenizer
 from vqdiff_jax import checkpointing, images as images_lib, latent_diffusion, metric_writers
@@ -65,8 +64,10 @@ def encode_training_set(tok_model, tok_state, tok_config, path: str, batch_size:
 
 
 def tokenizer_digest(tok_state) -> str:
-    """A short hash of the tokenizer's codebook: it identifies the latent space, wherever
-    the tokenizer's work directory is moved."""
+    """Hash the tokenizer's codebook into a short id of its latent space.
+
+    The id survives moving the tokenizer's work directory, unlike its path.
+    """
     codebook = np.asarray(jax.device_get(tokenizer.current_codebook(tok_state)), np.float32)
     return hashlib.sha256(codebook.tobytes()).hexdigest()[:16]
 
@@ -220,13 +221,12 @@ def load_dit(workdir: str):
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), fingerprint={}, max_to_keep=None)
+        os.path.join(workdir, "checkpoints"), fingerprint=None, max_to_keep=None)
     if checkpointer.latest_step() is None:
         raise FileNotFoundError(f"No DiT checkpoint in {workdir!r}. Train one first with: {command}")
     meta = checkpointer.read_meta()
     latent_shape = tuple(meta["fingerprint"]["latent_shape"])
     num_classes = meta["num_classes"]
-    checkpointer.fingerprint = meta["fingerprint"]
     model = latent_diffusion.make_dit(config.model, num_classes)
     tx = make_optimizer(config.optimizer, config.num_train_steps)
     init_fn = functools.partial(
@@ -243,22 +243,16 @@ def load_dit(workdir: str):
     }
 
 
-def main(argv):
-    del argv
-    common.configure_logging()
-    # jax.distributed must start before anything initialises the XLA backend.
-    parallel.maybe_initialize_distributed(flags.FLAGS.config)
-    jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+main = common.trainer_main(train_and_evaluate)
 
 
 def define_flags() -> None:
     """Define the command-line flags; called only when the module runs as a script."""
-    config_flags.DEFINE_config_file("config", None, "DiT config file.")
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+    common.define_trainer_flags(
+        config_help="DiT config file.",
+        workdir_help="Directory for checkpoints, metrics and images.")
 
 
 if __name__ == "__main__":
     define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

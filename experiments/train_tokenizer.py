@@ -13,11 +13,9 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from experiments import common
 from vqdiff_jax import checkpointing, images as images_lib, metric_writers, parallel, tokenizer
@@ -157,22 +155,16 @@ def load_tokenizer(workdir: str):
     return model, state, config
 
 
-def main(argv):
-    del argv
-    common.configure_logging()
-    # jax.distributed must start before anything initialises the XLA backend.
-    parallel.maybe_initialize_distributed(flags.FLAGS.config)
-    jnp.zeros(())  # Initialise the JAX backend before TensorFlow claims devices.
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+main = common.trainer_main(train_and_evaluate)
 
 
 def define_flags() -> None:
     """Define the command-line flags; called only when the module runs as a script."""
-    config_flags.DEFINE_config_file("config", None, "Tokenizer config file.")
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
+    common.define_trainer_flags(
+        config_help="Tokenizer config file.",
+        workdir_help="Directory for checkpoints, metrics and images.")
 
 
 if __name__ == "__main__":
     define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -98,7 +98,7 @@ def test_pipeline_resumes_dit_stage(tiny_run, tmp_path, caplog):
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
     # Pretend the run was killed during the DiT stage: its record and later stages are
-    # missing, its checkpoint (step 4) is there, and the config now asks for more steps.
+    # missing, its checkpoint (step 4) is there, and the config now requests more steps.
     for stage in ("dit", "samples", "evaluation"):
         os.remove(os.path.join(copy, stage, "stage.json"))
     config = config.copy_and_resolve_references()

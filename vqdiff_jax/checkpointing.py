@@ -1,6 +1,6 @@
 """Orbax checkpoints with automatic resume and a config-compatibility check.
 
-Each checkpoint step directory holds two items: `state` (the train-state pytree)
+Each checkpoint step directory contains two items: `state` (the train-state pytree)
 and `meta` (JSON: the config fields that fix the state's structure, plus
 anything else the trainer needs to resume, such as latent statistics). Orbax
 writes a step into a temporary directory and renames it when complete, so a
@@ -76,11 +76,12 @@ class Checkpointer:
       directory: where step directories are written.
       fingerprint: JSON-serialisable config fields that determine the state's
         structure. A checkpoint written with a different fingerprint is rejected
-        on restore with IncompatibleCheckpointError.
+        on restore with IncompatibleCheckpointError. None skips the check, for
+        readers that take the structure from the stored fingerprint.
       max_to_keep: number of most recent checkpoints kept.
     """
 
-    def __init__(self, directory: str, *, fingerprint: dict, max_to_keep: int = 3):
+    def __init__(self, directory: str, *, fingerprint: dict | None, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
         check_writable(self.directory)
         # Round-trip through JSON so tuples compare equal to the lists read back.
@@ -112,6 +113,9 @@ class Checkpointer:
                 "failed earlier, so this Checkpointer saves nothing more. Restart the "
                 "process: it resumes from the last complete checkpoint."
             )
+        if self.fingerprint is None:
+            raise ValueError("A Checkpointer without a fingerprint only reads; pass the "
+                             "config fingerprint to save checkpoints.")
         meta = {"fingerprint": self.fingerprint, "step": int(step), **(extra_meta or {})}
         try:
             self._manager.save(
@@ -144,6 +148,8 @@ class Checkpointer:
 
     def check_compatible(self, step: int) -> dict:
         meta = self.read_meta(step)
+        if self.fingerprint is None:
+            return meta
         differences = _diff(self.fingerprint, meta.get("fingerprint", {}))
         if differences:
             raise IncompatibleCheckpointError(

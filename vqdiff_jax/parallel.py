@@ -46,9 +46,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
 
 
 def maybe_initialize_distributed(config) -> None:
-    """Call `jax.distributed.initialize` when the config asks for a multi-host run.
+    """Call `jax.distributed.initialize` when the config requests a multi-host run.
 
-    `config.distributed` holds `coordinator_address`, `num_processes` and
+    `config.distributed` contains `coordinator_address`, `num_processes` and
     `process_id`. On Cloud TPU and SLURM, leaving them empty lets JAX detect the
     cluster; `enabled=False` (the default) runs a single process.
     """

@@ -2,7 +2,7 @@
 
 The train step, for a global batch of images x [B, H, W, C] in [-1, 1]:
   1. z_e = encode(x); codes = nearest code of z_e in the CURRENT codebook;
-     z_q = codebook[codes]; the decoder sees z_e + stop_gradient(z_q - z_e).
+     z_q = codebook[codes]; the decoder gets z_e + stop_gradient(z_q - z_e).
   2. loss = mse(decode(.), x) + codebook loss (learned codebook only)
             + commitment_weight * commitment loss.
   3. The optimizer updates the encoder/decoder (and a learned codebook).
@@ -52,7 +52,7 @@ def init_state(model: VQVAE, vq_config, tx, key, image_shape) -> TrainState:
 
 
 def current_codebook(state: TrainState) -> jax.Array:
-    """The codebook used for lookup: learned parameters or the EMA codebook. [K, D]"""
+    """Return the codebook used for lookup [K, D]: learned parameters or the EMA codebook."""
     if "codebook" in state.params:
         return state.params["codebook"]
     return state.vq.codebook
@@ -83,7 +83,7 @@ def make_train_step(model: VQVAE, vq_config, tx, *, seed: int):
         z_q, codes = _quantize(model, codebook, z_e)
         vq_terms = quantizer.vq_loss(
             z_e, z_q, commitment_weight=vq_config.commitment_weight, learned_codebook=learned)
-        # Straight-through: the decoder sees z_q, the gradient goes to z_e.
+        # Straight-through: the decoder gets z_q, and the gradient goes to z_e.
         z_st = quantizer.straight_through(z_e, z_q)
         recon = model.apply({"params": params["model"]}, z_st, method=VQVAE.decode)
         recon_loss = jnp.mean((recon - images) ** 2)

