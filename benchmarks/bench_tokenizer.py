@@ -23,7 +23,7 @@ import torch
 import torch_reference
 
 from experiments.configs import tokenizer_mnist
-from vqdiff_jax import tokenizer
+from vqdiff_jax import parallel, tokenizer
 from vqdiff_jax.models.vqvae import make_vqvae
 from vqdiff_jax.train_state import make_optimizer
 
@@ -57,7 +57,8 @@ def build_jax(config, image_shape):
         lambda: tokenizer.init_state(model, config.vq, tx, jax.random.key(0), image_shape))()
     batch = {"image": jax.numpy.asarray(_images(config.batch_size, image_shape))}
     step_fn = jax.jit(
-        tokenizer.make_train_step(model, config.vq, tx, seed=0), donate_argnums=0)
+        tokenizer.make_train_step(model, config.vq, tx, seed=0), donate_argnums=0,
+        compiler_options=parallel.conv_compiler_options())
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start

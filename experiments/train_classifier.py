@@ -120,6 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=parallel.conv_compiler_options(),
     )
     batches = common.global_batches(
         config.data, split=config.data.train_split, batch_size=config.batch_size,

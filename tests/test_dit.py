@@ -490,3 +490,37 @@ def test_jit_compiles_once():
 
     forward(variables, x, t, y, jax.random.key(1))
     forward(variables, x, t + 1, (y + 1) % NUM_CLASSES, jax.random.key(2))
+
+
+def test_attention_matches_numpy_reference():
+    """Self-attention against a numpy softmax(q k^T / sqrt(h)) v written out per head."""
+    hidden, heads, tokens = 12, 3, 5
+    head_dim = hidden // heads
+    layer = dit.Attention(hidden, heads)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, tokens, hidden))
+    params = layer.init(jax.random.PRNGKey(1), x)["params"]
+    # Non-zero biases, so that a bias dropped anywhere shows.
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    out = np.asarray(layer.apply({"params": params}, x))
+
+    x64 = np.asarray(x, np.float64)
+    w_qkv = np.asarray(params["qkv"]["kernel"], np.float64)
+    b_qkv = np.asarray(params["qkv"]["bias"], np.float64)
+    w_proj = np.asarray(params["proj"]["kernel"], np.float64)
+    b_proj = np.asarray(params["proj"]["bias"], np.float64)
+    qkv = x64 @ w_qkv + b_qkv  # [B, T, 3D], laid out as (q | k | v), each head contiguous
+    expected = np.zeros((2, tokens, hidden))
+    for b in range(2):
+        heads_out = []
+        for n in range(heads):
+            cols = slice(n * head_dim, (n + 1) * head_dim)
+            q = qkv[b, :, :hidden][:, cols]
+            k = qkv[b, :, hidden:2 * hidden][:, cols]
+            v = qkv[b, :, 2 * hidden:][:, cols]
+            logits = q @ k.T / math.sqrt(head_dim)
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+            weights /= weights.sum(axis=1, keepdims=True)
+            heads_out.append(weights @ v)
+        expected[b] = np.concatenate(heads_out, axis=1) @ w_proj + b_proj
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -163,7 +163,7 @@ def frechet_distance_from_features(features1, features2, **kwargs) -> float:
 # Classifier outputs and accuracy.
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@parallel.conv_jit(static_argnums=(0,))
 def _apply_classifier(model: classifier_lib.Classifier, params, images):
     return model.apply({"params": params}, images, train=False)
 

@@ -11,15 +11,13 @@ The train step, for a global batch of images x [B, H, W, C] in [-1, 1]:
      restarted from encoder outputs of the batch.
 """
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqdiff_jax import quantizer
+from vqdiff_jax import parallel, quantizer
 from vqdiff_jax import rng as rng_lib
 from vqdiff_jax.models.vqvae import VQVAE, init_params
 from vqdiff_jax.train_state import TrainState, global_norm
@@ -46,7 +44,9 @@ def init_state(model: VQVAE, vq_config, tx, key, image_shape) -> TrainState:
     vq = quantizer.init_vq_state(
         code_key, vq_config.num_codes, model.code_dim, l2_normalize=model.l2_normalize)
     if vq_config.codebook == "learned":
-        params["codebook"] = vq.codebook
+        # A copy, so that the parameter and the EMA state never share a buffer (the train
+        # step donates both).
+        params["codebook"] = jnp.array(vq.codebook, copy=True)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), vq=vq)
 
@@ -154,7 +154,7 @@ def _maybe_restart(vq, params, z_e, key, step, vq_config):
     return vq, params, num
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@parallel.conv_jit(static_argnums=(0,))
 def reconstruct(model: VQVAE, params, codebook, images):
     """Encode, quantize and decode images [B, H, W, C]; return (recon, codes [B, h, w])."""
     z_e = model.apply({"params": params["model"]}, images, method=VQVAE.encode)
@@ -163,7 +163,7 @@ def reconstruct(model: VQVAE, params, codebook, images):
     return recon, codes
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@parallel.conv_jit(static_argnums=(0,))
 def encode_to_codes(model: VQVAE, params, codebook, images):
     """Codes [B, h, w] and quantized vectors z_q [B, h, w, D] of images [B, H, W, C]."""
     z_e = model.apply({"params": params["model"]}, images, method=VQVAE.encode)
@@ -171,7 +171,7 @@ def encode_to_codes(model: VQVAE, params, codebook, images):
     return z_q, codes
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@parallel.conv_jit(static_argnums=(0,))
 def decode_vectors(model: VQVAE, params, z_q):
     """Decode quantized vectors [B, h, w, D] to images [B, H, W, C]."""
     return model.apply({"params": params["model"]}, z_q, method=VQVAE.decode)

@@ -184,10 +184,13 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
                        bias_init=_zeros, name="qkv")(x)  # [B, T, 3D]
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)  # [B, T, 3, N, H]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
-        # With implementation=None, JAX 0.10 runs its XLA path, which computes the logits and
-        # the softmax in float32 for bfloat16 inputs too.
-        out = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, H]
+        # Heads go next to the batch axis before the two products: on CPU this layout made a
+        # DiT-S/2 train step about 10 % faster than jax.nn.dot_product_attention on [B, T, N, H]
+        # (benchmarks/README.md). Logits and softmax are computed in float32 for every dtype.
+        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, N, T, H]
+        logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (head_dim ** -0.5), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bnqk,bnkh->bqnh", weights, v)  # [B, T, N, H]
         out = out.reshape(batch, tokens, self.hidden_size)  # [B, T, D]
         return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
                         bias_init=_zeros, name="proj")(out)
