@@ -1,5 +1,7 @@
 """Frechet distance and accuracy against closed forms and numpy references."""
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -218,3 +220,16 @@ def test_load_classifier_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_classifier"):
         evaluation.load_classifier(str(tmp_path / "no_such_run"))
     assert not (tmp_path / "no_such_run").exists()
+
+
+def test_frechet_feature_constant_in_one_set():
+    """A feature constant in one set only makes sigma1 @ sigma2 singular: no warning, exact value.
+
+    sigma1 = diag(1, 0), sigma2 = diag(4, 9): (sigma1 sigma2)^(1/2) = diag(2, 0), so the distance
+    is |mu1 - mu2|^2 + (1 + 0) + (4 + 9) - 2 * 2 = 1 + 10 = 11 for mu1 - mu2 = (1, 0).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = evaluation.frechet_distance(
+            np.array([1.0, 0.0]), np.diag([1.0, 0.0]), np.zeros(2), np.diag([4.0, 9.0]))
+    assert value == pytest.approx(11.0, abs=1e-6)

@@ -18,6 +18,7 @@ assigns to the class they were generated for.
 import functools
 import json
 import os
+import warnings
 
 import chex
 import jax
@@ -128,7 +129,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 0.0,
     if not sigma1.size:
         return float(mean_term)
 
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught):
+        # Typical cause: a feature that is constant in one set only (a ReLU unit that never
+        # fires on the samples). The square root of the singular product is still defined,
+        # and the checks below reject it if it is not finite or not real.
+        logging.info("sigma1 @ sigma2 is singular; %d of %d features are constant in one set.",
+                     int(np.sum(np.all(sigma1 == 0, axis=0) | np.all(sigma2 == 0, axis=0))),
+                     sigma1.shape[0])
     if not np.all(np.isfinite(covmean)):
         raise ValueError(
             "The matrix square root of sigma1 @ sigma2 contains NaN or Inf, which happens when "

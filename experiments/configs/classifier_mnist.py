@@ -16,7 +16,8 @@ Measured with this default config and the command above on a 2-core x86 CPU
 VM without accelerator (one JAX device, other jobs sharing the CPU): held-out
 accuracy 97.8 %, 98.0 % and 97.8 % with seeds 0, 1 and 2. The whole command
 took 81 to 171 s of wall time depending on the load, about 25 s of it start-up
-and data loading.
+and data loading. Inside the main job on 2 idle cores, with XLA's own CPU
+convolutions (`vqdiff_jax.parallel.conv_compiler_options`): 97.2 % in 35 s.
 """
 
 import ml_collections

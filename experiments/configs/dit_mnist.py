@@ -12,8 +12,11 @@ depth 6, trained with v-prediction on a cosine schedule; sampling with DDIM,
 50 steps and guidance scale 4. On these small latents the linear schedule spends
 much of training at noise levels where the latent is almost pure noise, and
 samples after 1,000 steps showed no digits; cosine with v-prediction did better
-at the same step count. README.md lists the measured time and sample
-accuracy on a 2-core CPU. `dit_mnist.py:tiny` is a few-second run for tests.
+at the same step count. Measured inside the main job (experiments/pipeline.py)
+on 2 idle AMD EPYC cores, JAX 0.10.2: 852 s of training, then 1,000 samples
+(100 per class) in 175 s, classified as the requested class 97.7 % of the time by
+the project's classifier (README.md). `dit_mnist.py:tiny` is a few-second run for
+tests.
 """
 
 import ml_collections

@@ -8,8 +8,9 @@ Variants are picked after a colon: `tokenizer_mnist.py:tiny` is a few-second
 run for tests. Any field can be overridden, e.g. `--config.num_train_steps=500`.
 
 Default: 28x28 images -> 7x7 grid of codes (f4) from a 256-entry EMA codebook
-of 8-dimensional codes. See README.md for the measured time and held-out PSNR
-and codebook usage on a 2-core CPU.
+of 8-dimensional codes. Measured inside the main job on 2 idle AMD EPYC cores,
+JAX 0.10.2: 315 s, held-out PSNR 26.05 dB, 256 of 256 codes used, perplexity
+194.9 (README.md).
 """
 
 import ml_collections
