@@ -184,9 +184,9 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
                        bias_init=_zeros, name="qkv")(x)  # [B, T, 3D]
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)  # [B, T, 3, N, H]
-        # Heads go next to the batch axis before the two products: on CPU this layout made a
-        # DiT-S/2 train step about 10 % faster than jax.nn.dot_product_attention on [B, T, N, H]
-        # (benchmarks/README.md). Logits and softmax are computed in float32 for every dtype.
+        # Heads go next to the batch axis before the two products. In one A/B run on 2 CPU cores
+        # this made a DiT-S/2 train step 10 % faster than jax.nn.dot_product_attention on
+        # [B, T, N, H]; see benchmarks/README.md. Logits and softmax are float32 for every dtype.
         q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, N, T, H]
         # Scaling q, not the logits, keeps a [B, N, T, T] broadcast of the scale out of the
         # compiled step. For a head_dim that is a power of 4 the scale is a power of 2, and
