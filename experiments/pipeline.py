@@ -40,8 +40,64 @@ def _stage_record_path(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage, "stage.json")
 
 
-def run_stage(workdir: str, stage: str, fn) -> dict:
-    """Run `fn()` unless `<stage>/stage.json` exists; record its result and wall time."""
+def _as_json(block) -> dict:
+    """A config block as plain JSON values, so that it compares equal to a stored record."""
+    return json.loads(block.to_json_best_effort(sort_keys=True))
+
+
+def stage_settings(config) -> dict[str, dict]:
+    """The part of the pipeline config that each stage's result depends on."""
+    tokenizer, classifier, dit = (_as_json(config.tokenizer), _as_json(config.classifier),
+                                  _as_json(config.dit))
+    return {
+        "data": {"data": tokenizer["data"]},
+        "tokenizer": {"tokenizer": tokenizer},
+        "usage": {"tokenizer": tokenizer},
+        "classifier": {"classifier": classifier},
+        "latents": {"tokenizer": tokenizer, "encode_batch_size": dit["encode_batch_size"]},
+        "dit": {"tokenizer": tokenizer, "dit": dit},
+        "samples": {"tokenizer": tokenizer, "dit": dit},
+        "evaluation": {"tokenizer": tokenizer, "classifier": classifier, "dit": dit,
+                       "eval_batch_size": config.eval_batch_size},
+    }
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_finished_stages(config, workdir: str) -> None:
+    """Raise if a finished stage in `workdir` was run with settings that differ from `config`.
+
+    Finished stages are skipped, so a changed setting would silently not take effect.
+    """
+    settings = stage_settings(config)
+    for stage in STAGES:
+        path = _stage_record_path(os.path.abspath(os.path.expanduser(workdir)), stage)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            recorded = json.load(f).get("settings")
+        if recorded is None:  # Records written before settings were stored.
+            continue
+        changed = _differences(recorded, settings[stage])
+        if changed:
+            listed = "; ".join(changed[:8]) + ("; ..." if len(changed) > 8 else "")
+            raise ValueError(
+                f"The finished stage '{stage}' in {workdir} was run with other settings "
+                f"({listed}). Finished stages are skipped, so the change would not take "
+                f"effect. Use a new --workdir, or delete {os.path.dirname(path)} and the "
+                "directories of the stages after it to run them again.")
+
+
+def run_stage(workdir: str, stage: str, fn, settings: dict | None = None) -> dict:
+    """Run `fn()` unless `<stage>/stage.json` exists; record its result, wall time and settings."""
     path = _stage_record_path(workdir, stage)
     if os.path.exists(path):
         with open(path) as f:
@@ -53,7 +109,8 @@ def run_stage(workdir: str, stage: str, fn) -> dict:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     start = time.perf_counter()
     result = fn()
-    record = {"stage": stage, "wall_seconds": time.perf_counter() - start, "result": result}
+    record = {"stage": stage, "wall_seconds": time.perf_counter() - start, "result": result,
+              "settings": settings}
     common.write_json(path, record)
     logging.info("[pipeline] stage %-10s done in %.1f s.", stage, record["wall_seconds"])
     return record
@@ -61,7 +118,9 @@ def run_stage(workdir: str, stage: str, fn) -> dict:
 
 def run(config, workdir: str) -> dict:
     """Run every stage in `workdir`; return the report dictionary."""
+    check_finished_stages(config, workdir)
     workdir = common.prepare_workdir(config, workdir, "pipeline")
+    settings = stage_settings(config)
     stage_dir = lambda name: os.path.join(workdir, name)  # noqa: E731
     records = {}
 
@@ -70,18 +129,21 @@ def run(config, workdir: str) -> dict:
         return {"dataset": info.name, "image_shape": list(info.image_shape),
                 "num_classes": info.num_classes, "split_sizes": dict(info.split_sizes)}
 
-    records["data"] = run_stage(workdir, "data", prepare)
+    records["data"] = run_stage(workdir, "data", prepare, settings["data"])
     records["tokenizer"] = run_stage(
         workdir, "tokenizer",
-        lambda: train_tokenizer.train_and_evaluate(config.tokenizer, stage_dir("tokenizer")))
+        lambda: train_tokenizer.train_and_evaluate(config.tokenizer, stage_dir("tokenizer")),
+        settings["tokenizer"])
     records["usage"] = run_stage(
         workdir, "usage",
         lambda: report_lib.plot_codebook_usage(
             records["tokenizer"]["result"]["code_counts"],
-            os.path.join(stage_dir("usage"), "codebook_usage.png")))
+            os.path.join(stage_dir("usage"), "codebook_usage.png")),
+        settings["usage"])
     records["classifier"] = run_stage(
         workdir, "classifier",
-        lambda: train_classifier.train_and_evaluate(config.classifier, stage_dir("classifier")))
+        lambda: train_classifier.train_and_evaluate(config.classifier, stage_dir("classifier")),
+        settings["classifier"])
 
     latents_path = os.path.join(stage_dir("latents"), "latents.npz")
 
@@ -92,15 +154,18 @@ def run(config, workdir: str) -> dict:
         return {"path": latents_path, "shape": list(latents.shape),
                 "num_labels": int(len(labels))}
 
-    records["latents"] = run_stage(workdir, "latents", encode)
+    records["latents"] = run_stage(workdir, "latents", encode, settings["latents"])
 
     dit_config = config.dit.copy_and_resolve_references()
     dit_config.tokenizer_workdir = stage_dir("tokenizer")
     dit_config.latents_path = latents_path
     records["dit"] = run_stage(
-        workdir, "dit", lambda: train_dit.train_and_evaluate(dit_config, stage_dir("dit")))
+        workdir, "dit", lambda: train_dit.train_and_evaluate(dit_config, stage_dir("dit")),
+        settings["dit"])
     records["samples"] = run_stage(
-        workdir, "samples", lambda: sample_dit.sample_to_dir(stage_dir("dit"), stage_dir("samples")))
+        workdir, "samples",
+        lambda: sample_dit.sample_to_dir(stage_dir("dit"), stage_dir("samples")),
+        settings["samples"])
 
     def evaluate():
         classifier_model, params = evaluation.load_classifier(stage_dir("classifier"))
@@ -117,7 +182,7 @@ def run(config, workdir: str) -> dict:
                                         result["per_class_accuracy"].items()}
         return result
 
-    records["evaluation"] = run_stage(workdir, "evaluation", evaluate)
+    records["evaluation"] = run_stage(workdir, "evaluation", evaluate, settings["evaluation"])
 
     report = report_lib.write_report(config, workdir, records)
     report_lib.log_summary(report)

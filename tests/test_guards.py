@@ -328,3 +328,24 @@ def test_full_disk_on_metrics(tmp_path):
     message = str(raised.value)
     assert f"metrics of step 3 to {str(tmp_path / 'metrics.jsonl')!r} failed" in message
     assert "No space left on device" in message
+
+
+def test_batch_size_zero_rejected():
+    mesh = parallel.make_mesh(1)
+    with pytest.raises(ValueError, match="batch size 0"):
+        parallel.check_batch_size(0, mesh)
+
+
+@pytest.mark.parametrize("patch_size", [0, -1])
+def test_dit_patch_size_not_positive_rejected(patch_size):
+    from vqdiff_jax.models import dit
+    with pytest.raises(ValueError, match=f"patch_size must be >= 1, got {patch_size}"):
+        dit.patchify(jnp.zeros((1, 4, 4, 2)), patch_size)
+
+
+def test_dit_depth_zero_rejected():
+    from vqdiff_jax import latent_diffusion
+    model_config = dit_mnist.get_config().model
+    model_config.depth = 0
+    with pytest.raises(ValueError, match="model.depth .* got 0"):
+        latent_diffusion.make_dit(model_config, num_classes=10)

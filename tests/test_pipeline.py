@@ -113,3 +113,18 @@ def test_pipeline_resumes_dit_stage(tiny_run, tmp_path, caplog):
     assert record["result"]["resumed_from"] == 4
     assert record["result"]["step"] == 6
     assert report["num_samples"] == 10 * config.dit.sample.per_class
+
+
+def test_pipeline_rejects_changed_finished_stage(tiny_run, tmp_path):
+    """A setting changed for a finished (skipped) stage raises instead of being ignored."""
+    config, workdir, _ = tiny_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "config.json")) as f:
+        config_before = f.read()
+    config = config.copy_and_resolve_references()
+    config.dit.sample.guidance_scale = 1.0
+    with pytest.raises(ValueError, match=r"stage 'dit'.*dit\.sample\.guidance_scale: 4\.0 -> 1\.0"):
+        pipeline.run(config, copy)
+    with open(os.path.join(copy, "config.json")) as f:
+        assert f.read() == config_before

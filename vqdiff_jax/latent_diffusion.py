@@ -96,6 +96,9 @@ def make_dit(model_config, num_classes: int) -> DiT:
                   dtype=jnp.dtype(model_config.dtype))
     if model_config.preset:
         return dit_from_preset(model_config.preset, **common)
+    if model_config.depth < 1:
+        raise ValueError(f"model.depth (the number of DiT blocks) must be >= 1, got "
+                         f"{model_config.depth}.")
     return DiT(patch_size=model_config.patch_size, hidden_size=model_config.hidden_size,
                depth=model_config.depth, num_heads=model_config.num_heads,
                mlp_ratio=model_config.mlp_ratio, **common)

@@ -41,6 +41,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     num_devices = mesh.devices.size
+    if global_batch_size < 1:
+        raise ValueError(
+            f"Invalid global batch size {global_batch_size}, expected >= 1; set batch_size to "
+            f"a positive multiple of the number of devices ({num_devices}).")
     if global_batch_size % num_devices:
         raise ValueError(
             f"The global batch size {global_batch_size} is not divisible by the number of "

@@ -329,6 +329,8 @@ def unpatchify(tokens: jax.Array, patch_size: int, height: int, width: int,
 
 
 def _check_divisible(height: int, width: int, patch_size: int) -> None:
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}.")
     if height % patch_size or width % patch_size:
         raise ValueError(
             f"Latent height {height} and width {width} must both be divisible by "
