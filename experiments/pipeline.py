@@ -41,12 +41,12 @@ def _stage_record_path(workdir: str, stage: str) -> str:
 
 
 def _as_json(block) -> dict:
-    """A config block as plain JSON values, so that it compares equal to a stored record."""
+    """Convert a config block to plain JSON values, which compare equal to a stored record."""
     return json.loads(block.to_json_best_effort(sort_keys=True))
 
 
 def stage_settings(config) -> dict[str, dict]:
-    """The part of the pipeline config that each stage's result depends on."""
+    """Return, per stage, the part of the pipeline config that its result depends on."""
     tokenizer, classifier, dit = (_as_json(config.tokenizer), _as_json(config.classifier),
                                   _as_json(config.dit))
     return {
@@ -63,7 +63,7 @@ def stage_settings(config) -> dict[str, dict]:
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+    """List the dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
         for key in sorted(set(old) | set(new)):
