@@ -5,7 +5,7 @@ Run on the bundled real MNIST images (23 minutes on 2 idle CPU cores, README.md)
       --workdir=workdirs/mnist
 
 Variants after a colon:
-  `pipeline_mnist.py:tiny`    under a minute; for tests, the numbers mean nothing.
+  `pipeline_mnist.py:tiny`    about a minute (72 s on 2 cores); for tests, the numbers mean nothing.
   `pipeline_mnist.py:cifar10` for a TPU/GPU host with CIFAR-10 prepared by TFDS
                               (`tfds build cifar10 --data_dir=DIR` on a machine with
                               internet, then `--config.data_dir=DIR`): 32x32x3 images,
