@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from experiments import common, sample_dit, train_classifier, train_dit, train_tokenizer
 from experiments import report as report_lib
-from vqdiff_jax import evaluation, parallel
+from vqdiff_jax import checkpointing, evaluation, parallel
 from vqdiff_jax.data import pipeline as data_pipeline
 
 
@@ -62,22 +62,11 @@ def stage_settings(config) -> dict[str, dict]:
     }
 
 
-def _differences(old, new, prefix: str = "") -> list[str]:
-    """List the dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(old) | set(new)):
-            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return found
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
-
-
-def check_finished_stages(config, workdir: str) -> None:
-    """Raise if a finished stage in `workdir` was run with settings that differ from `config`.
+def check_finished_stages(settings: dict[str, dict], workdir: str) -> None:
+    """Raise if a finished stage in `workdir` was run with other `settings` than these.
 
     Finished stages are skipped, so a changed setting would silently not take effect.
     """
-    settings = stage_settings(config)
     for stage in STAGES:
         path = _stage_record_path(os.path.abspath(os.path.expanduser(workdir)), stage)
         if not os.path.exists(path):
@@ -86,7 +75,8 @@ def check_finished_stages(config, workdir: str) -> None:
             recorded = json.load(f).get("settings")
         if recorded is None:  # Records written before settings were stored.
             continue
-        changed = _differences(recorded, settings[stage])
+        changed = [f"{key}: {old!r} -> {new!r}" for key, old, new in
+                   checkpointing.nested_differences(recorded, settings[stage])]
         if changed:
             listed = "; ".join(changed[:8]) + ("; ..." if len(changed) > 8 else "")
             raise ValueError(
@@ -118,9 +108,9 @@ def run_stage(workdir: str, stage: str, fn, settings: dict | None = None) -> dic
 
 def run(config, workdir: str) -> dict:
     """Run every stage in `workdir`; return the report dictionary."""
-    check_finished_stages(config, workdir)
-    workdir = common.prepare_workdir(config, workdir, "pipeline")
     settings = stage_settings(config)
+    check_finished_stages(settings, workdir)
+    workdir = common.prepare_workdir(config, workdir, "pipeline")
     stage_dir = lambda name: os.path.join(workdir, name)  # noqa: E731
     records = {}
 

@@ -58,15 +58,21 @@ def _as_os_error(error: Exception) -> OSError | None:
     return None
 
 
-def _diff(expected: dict, found: dict, prefix: str = "") -> list[str]:
-    lines = []
+def nested_differences(expected: dict, found: dict, prefix: str = "") -> list[tuple]:
+    """List (dotted key, expected value, found value) where two nested dicts differ."""
+    differences = []
     for key in sorted(set(expected) | set(found)):
         a, b = expected.get(key, "<missing>"), found.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
-            lines += _diff(a, b, f"{prefix}{key}.")
+            differences += nested_differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            lines.append(f"{prefix}{key}: checkpoint has {b!r}, config has {a!r}")
-    return lines
+            differences.append((f"{prefix}{key}", a, b))
+    return differences
+
+
+def _diff(expected: dict, found: dict) -> list[str]:
+    return [f"{key}: checkpoint has {b!r}, config has {a!r}"
+            for key, a, b in nested_differences(expected, found)]
 
 
 class Checkpointer:

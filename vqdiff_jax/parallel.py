@@ -100,7 +100,7 @@ def conv_compiler_options() -> dict[str, str]:
     options = {_CPU_FUSION_OPTION: _CPU_FUSION_VALUE}
     try:
         jax.jit(lambda x: x + 1, compiler_options=options).lower(np.zeros(2, np.float32)).compile()
-    except Exception as error:  # An unknown option or value: this jaxlib has changed.
+    except Exception as error:  # This jaxlib does not know the option or its value.
         logging.info("CPU convolution option not used (%s).", error)
         return {}
     return options

@@ -189,8 +189,8 @@ class Attention(nn.Module):
         # [B, T, N, H]; see benchmarks/README.md. Logits and softmax are float32 for every dtype.
         q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, N, T, H]
         # Scaling q, not the logits, keeps a [B, N, T, T] broadcast of the scale out of the
-        # compiled step. For a head_dim that is a power of 4 the scale is a power of 2, and
-        # the result is the same bit for bit.
+        # compiled step. For a head_dim that is a power of 4 the scale is a power of 2, so the
+        # result equals that of scaling the logits bit for bit.
         q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
         logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
