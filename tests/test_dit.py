@@ -524,3 +524,36 @@ def test_attention_matches_numpy_reference():
             heads_out.append(weights @ v)
         expected[b] = np.concatenate(heads_out, axis=1) @ w_proj + b_proj
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_and_kernel_grads_match_numpy():
+    """MLP output and its kernel gradients against numpy, for tokens [batch, tokens, hidden]."""
+    hidden, mlp_hidden = 6, 10
+    layer = dit.Mlp(hidden, mlp_hidden)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, hidden))
+    upstream = jax.random.normal(jax.random.PRNGKey(1), (2, 3, hidden))
+    params = _randomize(layer.init(jax.random.PRNGKey(2), x)["params"], seed=3, stddev=0.5)
+
+    def weighted_sum(p):
+        return jnp.sum(layer.apply({"params": p}, x) * upstream)
+
+    out = np.asarray(layer.apply({"params": params}, x))
+    grads = jax.grad(weighted_sum)(params)
+
+    x64 = np.asarray(x, np.float64).reshape(-1, hidden)  # [B * T, D]
+    dy = np.asarray(upstream, np.float64).reshape(-1, hidden)
+    w1, b1 = (np.asarray(params["fc1"][k], np.float64) for k in ("kernel", "bias"))
+    w2, b2 = (np.asarray(params["fc2"][k], np.float64) for k in ("kernel", "bias"))
+    pre = x64 @ w1 + b1
+    inner = math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)
+    h = 0.5 * pre * (1 + np.tanh(inner))  # GELU, tanh approximation
+    expected = h @ w2 + b2
+    np.testing.assert_allclose(out.reshape(-1, hidden), expected, rtol=1e-5, atol=1e-5)
+
+    # d/d(pre) of the tanh GELU, written out.
+    gelu_slope = 0.5 * (1 + np.tanh(inner)) + 0.5 * pre * (1 - np.tanh(inner) ** 2) * (
+        math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * pre**2))
+    d_pre = (dy @ w2.T) * gelu_slope
+    np.testing.assert_allclose(grads["fc2"]["kernel"], h.T @ dy, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["fc1"]["kernel"], x64.T @ d_pre, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["fc1"]["bias"], d_pre.sum(axis=0), rtol=1e-4, atol=1e-5)
