@@ -51,16 +51,23 @@ def _relative(workdir: str, path: str) -> str:
     return os.path.relpath(path, workdir)
 
 
+def _in_stage_dir(workdir: str, stage: str, recorded_path: str) -> str:
+    """Return the path of a stage's file inside `workdir`, whatever directory was recorded."""
+    return os.path.join(workdir, stage, os.path.basename(recorded_path))
+
+
 def write_report(config, workdir: str, records: dict) -> dict:
     """Write report.json and report.md in `workdir`; return the report dictionary."""
     tokenizer = records["tokenizer"]["result"]
     evaluation = records["evaluation"]["result"]
     loss_png = plot_loss_curves(workdir, os.path.join(workdir, "loss_curves.png"))
+    # Stage results record absolute paths. The files are looked up in this workdir, so the
+    # links stay valid when a finished work directory is moved or copied.
     images = {
         "reconstructions": os.path.join(workdir, "tokenizer", "reconstructions.png"),
-        "samples": records["samples"]["result"]["png"],
+        "samples": _in_stage_dir(workdir, "samples", records["samples"]["result"]["png"]),
         "loss_curves": loss_png,
-        "codebook_usage": records["usage"]["result"]["png"],
+        "codebook_usage": _in_stage_dir(workdir, "usage", records["usage"]["result"]["png"]),
     }
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -75,7 +82,7 @@ def write_report(config, workdir: str, records: dict) -> dict:
         "frechet_distance": evaluation["frechet_distance"],
         "per_class_accuracy": evaluation["per_class_accuracy"],
         "num_samples": evaluation["num_samples"],
-        "samples_npz": records["samples"]["result"]["npz"],
+        "samples_npz": _in_stage_dir(workdir, "samples", records["samples"]["result"]["npz"]),
         "images": {k: _relative(workdir, v) for k, v in images.items()},
         "config": json.loads(config.to_json_best_effort()),
     }

@@ -113,6 +113,11 @@ def test_pipeline_resumes_dit_stage(tiny_run, tmp_path, caplog):
     assert record["result"]["resumed_from"] == 4
     assert record["result"]["step"] == 6
     assert report["num_samples"] == 10 * config.dit.sample.per_class
+    # The usage stage was recorded in the original work directory. The report links the
+    # copy's own files.
+    assert report["images"]["codebook_usage"] == os.path.join("usage", "codebook_usage.png")
+    assert report["images"]["samples"] == os.path.join("samples", "samples.png")
+    assert report["samples_npz"] == os.path.join(copy, "samples", "samples.npz")
 
 
 def test_pipeline_rejects_changed_finished_stage(tiny_run, tmp_path):
