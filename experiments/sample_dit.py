@@ -17,6 +17,7 @@ from absl import app, flags, logging
 
 from experiments import common, train_dit
 from vqdiff_jax import images as images_lib
+from vqdiff_jax import latent_diffusion
 
 
 def sample_to_dir(dit_workdir: str, output_dir: str, *, overrides: dict | None = None) -> dict:
@@ -32,8 +33,10 @@ def sample_to_dir(dit_workdir: str, output_dir: str, *, overrides: dict | None =
     for key, value in (overrides or {}).items():
         if value is not None:
             sample_config[key] = value
-    if sample_config.per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {sample_config.per_class}.")
+    latent_diffusion.check_sampling_args(
+        guidance_scale=sample_config.guidance_scale, num_steps=sample_config.num_steps,
+        num_timesteps=run["config"].diffusion.num_timesteps, sampler=sample_config.sampler,
+        per_class=sample_config.per_class)
     labels = np.repeat(np.arange(run["num_classes"]), sample_config.per_class).astype(np.int32)
     tok_model, tok_state, _ = run["tokenizer"]
 

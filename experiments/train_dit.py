@@ -150,7 +150,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Checked now, so that a bad sampling setting fails before training, not at the first grid.
     latent_diffusion.check_sampling_args(
         guidance_scale=config.sample.guidance_scale, num_steps=config.sample.num_steps,
-        num_timesteps=config.diffusion.num_timesteps, sampler=config.sample.sampler)
+        num_timesteps=config.diffusion.num_timesteps, sampler=config.sample.sampler,
+        per_class=config.sample.per_class)
     tx = make_optimizer(config.optimizer, config.num_train_steps)
     init_fn = functools.partial(
         latent_diffusion.init_state, model, tx, jax.random.key(config.seed), latent_shape)

@@ -169,6 +169,7 @@ def test_patch_size_not_dividing_latent():
     ({"num_steps": 0}, r"must be in \[1, 100\].*got 0"),
     ({"num_steps": 101}, r"must be in \[1, 100\].*got 101"),
     ({"sampler": "euler"}, r"sampler must be one of \('ddim', 'ddpm'\), got 'euler'"),
+    ({"per_class": 0}, r"per_class \(images per class\) must be >= 1, got 0"),
 ])
 def test_sampling_args_out_of_range(kwargs, message):
     args = {"guidance_scale": 4.0, "num_steps": 10, "num_timesteps": 100, "sampler": "ddim"}

@@ -186,7 +186,12 @@ def make_train_step(model: DiT, schedule, diffusion_config, tx, *, seed: int, em
 
 
 def check_sampling_args(*, guidance_scale: float, num_steps: int, num_timesteps: int,
-                        sampler: str) -> None:
+                        sampler: str, per_class: int | None = None) -> None:
+    """Raise ValueError naming the setting when a sampling argument is out of range.
+
+    `per_class`, the number of images per class that experiments.sample_dit draws, is
+    checked only when given.
+    """
     if not 0.0 <= guidance_scale <= 100.0:
         raise ValueError(
             f"guidance_scale must be in [0, 100] (0: unconditional, 1: conditional without "
@@ -197,6 +202,10 @@ def check_sampling_args(*, guidance_scale: float, num_steps: int, num_timesteps:
             f"timesteps), got {num_steps}.")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    if per_class is not None and per_class < 1:
+        raise ValueError(
+            f"per_class (images per class) must be >= 1, got {per_class}. Set "
+            "--config.sample.per_class for train_dit or --per_class for sample_dit.")
 
 
 @functools.partial(
