@@ -110,9 +110,9 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
     """Measure the float32 matmul rate of `jnp.dot` on [size, size] operands, in FLOP/s.
 
     Returns the rate of the fastest of `repeats` calls, after two warm-up calls. A peak
-    is the rate the machine can reach. A median of 5 calls once read 76 GFLOP/s on a
-    shared machine that reached 130 minutes later, and a train step then looked faster
-    than the peak.
+    is the rate the machine can reach. On a virtual machine whose speed varied, a median
+    of 5 calls once read 76 GFLOP/s where 130 GFLOP/s was reached minutes later, and a
+    train step then looked faster than the peak.
     """
     import jax
     import jax.numpy as jnp

@@ -542,18 +542,22 @@ def test_mlp_and_kernel_grads_match_numpy():
 
     x64 = np.asarray(x, np.float64).reshape(-1, hidden)  # [B * T, D]
     dy = np.asarray(upstream, np.float64).reshape(-1, hidden)
-    w1, b1 = (np.asarray(params["fc1"][k], np.float64) for k in ("kernel", "bias"))
-    w2, b2 = (np.asarray(params["fc2"][k], np.float64) for k in ("kernel", "bias"))
-    pre = x64 @ w1 + b1
-    inner = math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)
-    h = 0.5 * pre * (1 + np.tanh(inner))  # GELU, tanh approximation
+    w1 = np.asarray(params["fc1"]["kernel"], np.float64)
+    b1 = np.asarray(params["fc1"]["bias"], np.float64)
+    w2 = np.asarray(params["fc2"]["kernel"], np.float64)
+    b2 = np.asarray(params["fc2"]["bias"], np.float64)
+    pre_activation = x64 @ w1 + b1
+    inner = math.sqrt(2 / math.pi) * (pre_activation + 0.044715 * pre_activation**3)
+    h = 0.5 * pre_activation * (1 + np.tanh(inner))  # GELU, tanh approximation
     expected = h @ w2 + b2
     np.testing.assert_allclose(out.reshape(-1, hidden), expected, rtol=1e-5, atol=1e-5)
 
-    # d/d(pre) of the tanh GELU, written out.
-    gelu_slope = 0.5 * (1 + np.tanh(inner)) + 0.5 * pre * (1 - np.tanh(inner) ** 2) * (
-        math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * pre**2))
-    d_pre = (dy @ w2.T) * gelu_slope
+    # Derivative of the tanh GELU with respect to its input, written out.
+    gelu_slope = 0.5 * (1 + np.tanh(inner)) + 0.5 * pre_activation * (
+        1 - np.tanh(inner) ** 2) * (math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * pre_activation**2))
+    grad_pre_activation = (dy @ w2.T) * gelu_slope
     np.testing.assert_allclose(grads["fc2"]["kernel"], h.T @ dy, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(grads["fc1"]["kernel"], x64.T @ d_pre, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(grads["fc1"]["bias"], d_pre.sum(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["fc1"]["kernel"], x64.T @ grad_pre_activation,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["fc1"]["bias"], grad_pre_activation.sum(axis=0),
+                               rtol=1e-4, atol=1e-5)

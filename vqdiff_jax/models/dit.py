@@ -171,8 +171,9 @@ def _token_dense(x: jax.Array, features: int, *, name: str, kernel_init, dtype: 
     Call it inside a compact method: the Dense layer gets `name` in the caller's scope.
     The forward product equals that of nn.Dense on the 3-D array. The weight gradient
     differs in how it compiles. For a 3-D input, XLA's CPU compiler made a transposed
-    copy of dy and left the gradient product to a slower library. With the 2-D view, a
-    DiT-S/2 train step on 2 CPU cores went from 17.8 to 13.4 s (benchmarks/README.md).
+    copy of dy and ran the gradient product in a slower matrix-product path. With the
+    2-D view, a DiT-S/2 train step on 2 CPU cores went from 17.8 to 13.4 s
+    (benchmarks/README.md).
 
     Returns:
       [batch, tokens, features].
